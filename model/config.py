@@ -1,0 +1,111 @@
+"""Configuration of a MiniMind-V model: the decoder, the MoE options and the vision settings.
+
+Sizes are chosen with named presets (see PRESETS), never by editing defaults in source.
+"""
+import math
+
+from transformers import PretrainedConfig
+
+# `<` * 25 + `>` * 25: the span in the prompt that the 50 visual tokens overwrite.
+# In the MiniMind tokenizer `<` is id 30 and `>` is id 32 (tests check this).
+IMAGE_PLACEHOLDER = "<" * 25 + ">" * 25
+IMAGE_PLACEHOLDER_IDS = [30] * 25 + [32] * 25
+# What users and datasets write in a prompt to say "a picture goes here".
+IMAGE_MARK = "<image>"
+
+# The two published sizes, plus a tiny one for the offline demo. MoE is an orthogonal switch.
+PRESETS = {
+    "512": dict(dim=512, n_layers=8),     # ~27M parameters, the flagship
+    "768": dict(dim=768, n_layers=16),    # ~109M parameters
+    "demo": dict(dim=256, n_layers=4, max_seq_len=512),  # trains in minutes on a CPU
+}
+
+
+class VLMConfig(PretrainedConfig):
+    model_type = "minimind-v"
+
+    def __init__(
+        self,
+        dim: int = 512,
+        n_layers: int = 8,
+        n_heads: int = 16,
+        n_kv_heads: int = 8,
+        vocab_size: int = 6400,
+        hidden_dim: int = None,
+        multiple_of: int = 64,
+        norm_eps: float = 1e-5,
+        max_seq_len: int = 8192,
+        rope_theta: float = 1e4,
+        dropout: float = 0.0,
+        # Mixture of experts (the MiniMind-MoE variant)
+        use_moe: bool = False,
+        n_routed_experts: int = 4,
+        num_experts_per_tok: int = 2,
+        n_shared_experts: int = 1,
+        norm_topk_prob: bool = True,
+        aux_loss_alpha: float = 0.01,
+        seq_aux: bool = True,
+        # Vision
+        vision_model_path: str = "./model/vision_model/clip-vit-base-patch32",
+        vision_hidden_size: int = 768,
+        vision_layer: int = -1,
+        image_token_len: int = 50,
+        image_ids=None,
+        vision_proj_bias: bool = False,
+        squash_images: bool = True,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        pad_token_id: int = 0,
+        **kwargs,
+    ):
+        self.dim = dim
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.vocab_size = vocab_size
+        # SwiGLU keeps the parameter count of a 4*dim MLP: 2/3 of it, rounded up to multiple_of.
+        if hidden_dim is None:
+            hidden_dim = multiple_of * math.ceil(int(8 * dim / 3) / multiple_of)
+        self.hidden_dim = hidden_dim
+        self.multiple_of = multiple_of
+        self.norm_eps = norm_eps
+        self.max_seq_len = max_seq_len
+        self.rope_theta = rope_theta
+        self.dropout = dropout
+        self.use_moe = use_moe
+        self.n_routed_experts = n_routed_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_shared_experts = n_shared_experts
+        self.norm_topk_prob = norm_topk_prob
+        self.aux_loss_alpha = aux_loss_alpha
+        self.seq_aux = seq_aux
+        self.vision_model_path = vision_model_path
+        self.vision_hidden_size = vision_hidden_size
+        self.vision_layer = vision_layer
+        self.image_token_len = image_token_len
+        self.image_ids = list(image_ids) if image_ids is not None else list(IMAGE_PLACEHOLDER_IDS)
+        self.vision_proj_bias = vision_proj_bias
+        self.squash_images = squash_images
+        if dim % n_heads:
+            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        if len(self.image_ids) != image_token_len:
+            raise ValueError(f"image_ids has {len(self.image_ids)} ids but image_token_len={image_token_len}")
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, tie_word_embeddings=True, **kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def tag(self) -> str:
+        """The prefix of output file names, as in the original: `512`, `768_moe`, ..."""
+        return f"{self.dim}{'_moe' if self.use_moe else ''}"
+
+    @classmethod
+    def from_preset(cls, name: str, use_moe: bool = False, **overrides) -> "VLMConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], "use_moe": use_moe, **overrides})

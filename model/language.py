@@ -1,0 +1,347 @@
+"""The MiniMind decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU (or MoE), tied embeddings.
+
+Attribute names mirror the original MiniMind so that published `.pth` files load key for key:
+`tok_embeddings`, `layers.{i}.attention.{wq,wk,wv,wo}`, `layers.{i}.feed_forward.{w1,w2,w3}`,
+`attention_norm`, `ffn_norm`, `norm`, `output` (tied to `tok_embeddings`).
+
+The KV cache is a value passed in and returned by `forward` (a list of per-layer (k, v)), never
+state on the modules, so several generations can run side by side and training is unaffected.
+"""
+import math
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VLMConfig
+
+KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None       # language-model loss (+ MoE aux loss) when labels are given
+    aux_loss: Optional[torch.Tensor] = None   # MoE load-balancing loss (0 for dense models)
+    past_key_values: Optional[KVCache] = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float):
+    """cos/sin of the rotation angles, shape [max_len, head_dim/2]."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of the last dim, as MiniMind's complex-number
+    formulation does. x: [B, T, H, D]; cos/sin: [T, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, past_kv):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=1)
+            v = torch.cat([past_kv[1], v], dim=1)
+        present = (k, v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))   # [B, heads, T, D]
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # mask None means "plain causal over new tokens with no cache" (the training case).
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.wo(out)), present
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class MoEGate(nn.Module):
+    """Softmax router choosing `num_experts_per_tok` of `n_routed_experts` for every token."""
+
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+        self.alpha, self.seq_aux, self.norm_topk = cfg.aux_loss_alpha, cfg.seq_aux, cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        scores = F.linear(x.reshape(B * T, -1).float(), self.weight.float()).softmax(dim=-1)
+        top_w, top_i = scores.topk(self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk:
+            top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
+        aux = scores.new_zeros(())
+        if self.training and self.alpha > 0:
+            # Load balancing: (fraction of routings an expert gets) x (its mean router prob),
+            # scaled so a perfectly balanced router scores 1 * alpha.
+            if self.seq_aux:   # balance within every sequence
+                load = torch.zeros(B, self.n_experts, device=x.device)
+                load.scatter_add_(1, top_i.view(B, -1), torch.ones(B, T * self.top_k, device=x.device))
+                load = load / (T * self.top_k / self.n_experts)
+                aux = (load * scores.view(B, T, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
+            else:              # balance over the whole batch
+                load = F.one_hot(top_i.view(-1), self.n_experts).float().mean(0) * self.n_experts
+                aux = (load * scores.mean(0)).sum() * self.alpha
+        return top_i, top_w.type_as(x), aux
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.experts = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.n_routed_experts))
+        self.gate = MoEGate(cfg)
+        self.shared_experts = FeedForward(cfg) if cfg.n_shared_experts else None
+
+    def forward(self, x):
+        """Returns (output, load-balancing aux loss)."""
+        B, T, D = x.shape
+        top_i, top_w, aux = self.gate(x)
+        flat = x.reshape(-1, D)
+        out = torch.zeros_like(flat)
+        # One pass per expert over just the tokens routed to it (same code for training and
+        # inference; there are only a handful of experts).
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = (top_i == e).nonzero(as_tuple=True)
+            if token_idx.numel():
+                out.index_add_(0, token_idx, expert(flat[token_idx]) * top_w[token_idx, slot, None])
+            elif self.training:
+                # Keep every expert in the graph so DDP sees a gradient for all parameters.
+                out = out + 0.0 * expert(flat[:1]).sum()
+        out = out.view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out, aux
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = MoEFeedForward(cfg) if cfg.use_moe else FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask, past_kv):
+        h, present = self.attention(self.attention_norm(x), cos, sin, mask, past_kv)
+        x = x + h
+        ff = self.feed_forward(self.ffn_norm(x))
+        ff, aux = ff if isinstance(ff, tuple) else (ff, x.new_zeros((), dtype=torch.float32))
+        return x + ff, present, aux
+
+
+def build_attention_mask(attention_mask: Optional[torch.Tensor], T: int, past_len: int, device):
+    """Boolean SDPA mask [B, 1, T, past_len+T], or None where SDPA's own causal path is exact.
+
+    `attention_mask` covers all past_len+T positions (1 real, 0 padding). Only left padding
+    (batched generation) needs it: with right padding (training) causality alone keeps real
+    tokens from seeing the padding, so the trainer passes no mask and keeps the fast kernel.
+    A left-padding query may see no real key at all; letting every query see itself keeps
+    those rows finite (their outputs are never used).
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past_len == 0 or T == 1):
+        return None          # is_causal (or no mask for a single new token) is exact
+    S = past_len + T
+    if attention_mask is None:
+        attention_mask = torch.ones(1, S, dtype=torch.bool, device=device)
+    q_pos = torch.arange(past_len, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    causal = k_pos <= q_pos                                            # [T, S]
+    keep = causal[None] & attention_mask.bool()[:, None, :]           # [B, T, S]
+    keep = keep | (k_pos == q_pos)[None]
+    return keep[:, None]
+
+
+class MiniMindLM(nn.Module):
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight   # tied: both keys appear in state_dict
+        self.apply(self._init_weights)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Not persistent: derived from the config, and absent from the published checkpoints.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @staticmethod
+    def _init_weights(module):
+        # Small normal init (as in GPT-2): the default N(0, 1) embedding, tied to the output
+        # layer, would start training from logits of size ~sqrt(dim) and a loss near 60.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # The VLM overrides this to splice visual tokens into the embedded prompt.
+    def embed(self, input_ids: torch.Tensor, **vision_inputs) -> torch.Tensor:
+        return self.tok_embeddings(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
+                use_cache: bool = False, logits_to_keep: int = 0, **vision_inputs) -> LMOutput:
+        B, T = input_ids.shape
+        past_len = past_key_values[0][0].shape[1] if past_key_values else 0
+        if past_len + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past_len + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        h = self.dropout(self.embed(input_ids, **vision_inputs))
+        cos = self.rope_cos[past_len:past_len + T]
+        sin = self.rope_sin[past_len:past_len + T]
+        mask = build_attention_mask(attention_mask, T, past_len, input_ids.device)
+        presents, aux = [], h.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            h, present, layer_aux = layer(h, cos, sin, mask, past_key_values[i] if past_key_values else None)
+            presents.append(present)
+            aux = aux + layer_aux
+        if logits_to_keep:   # generation only needs the last position: skip the big vocab matmul
+            h = h[:, -logits_to_keep:]
+        logits = self.output(self.norm(h))
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position (logits_to_keep=0)")
+            # labels are aligned with input_ids (HF convention); predict token t+1 from t.
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100) + aux
+        return LMOutput(logits=logits, loss=loss, aux_loss=aux,
+                        past_key_values=presents if use_cache else None)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: Optional[int] = None,
+                 use_cache: bool = True, stream: bool = False, **vision_inputs):
+        """Sample up to `max_new_tokens` NEW tokens for a batch of (left-padded) prompts.
+
+        temperature 0 means greedy. The caller puts the model in eval mode (generation never
+        flips training state behind the caller's back). Returns a LongTensor [B, n_new] (finished rows padded with
+        eos), or with stream=True a generator that yields a [B, 1] tensor per step.
+        """
+        steps = self._generate_steps(input_ids, attention_mask, max_new_tokens, temperature, top_k,
+                                     top_p, repetition_penalty, eos_token_id, use_cache, vision_inputs)
+        if stream:
+            return steps
+        with torch.inference_mode():
+            out = list(steps)
+        return torch.cat(out, dim=1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    def _generate_steps(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                        repetition_penalty, eos_token_id, use_cache, vision_inputs) -> Iterator[torch.Tensor]:
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        B = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        seen = self._penalty_mask(input_ids, attention_mask) if repetition_penalty != 1.0 else None
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        ids, past = input_ids, None
+        step_ids, step_mask = input_ids, attention_mask
+        for _ in range(max_new_tokens):
+            with torch.inference_mode():
+                out = self(step_ids, attention_mask=step_mask if use_cache else attention_mask,
+                           past_key_values=past, use_cache=use_cache, logits_to_keep=1,
+                           **(vision_inputs if past is None or not use_cache else {}))
+            logits = out.logits[:, -1].float()
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            next_tok = sample_next(logits, temperature, top_k, top_p)
+            next_tok = torch.where(finished, torch.full_like(next_tok, eos), next_tok)
+            finished |= next_tok == eos
+            yield next_tok[:, None]
+            if bool(finished.all()):
+                return
+            if seen is not None:
+                seen[torch.arange(B, device=seen.device), next_tok] = True
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            if use_cache:
+                past, step_ids, step_mask = out.past_key_values, next_tok[:, None], attention_mask
+            else:
+                ids = torch.cat([ids, next_tok[:, None]], dim=1)
+                step_ids = ids
+
+    def _penalty_mask(self, input_ids, attention_mask):
+        """[B, vocab] bool: text tokens already present in the prompt (padding excluded)."""
+        counts = self._text_positions(input_ids) & attention_mask.bool()
+        seen = torch.zeros(input_ids.shape[0], self.config.vocab_size, dtype=torch.long,
+                           device=input_ids.device)
+        seen.scatter_add_(1, input_ids, counts.long())
+        return seen > 0
+
+    def _text_positions(self, input_ids):
+        """Which prompt positions hold text (the VLM excludes image placeholders)."""
+        return torch.ones_like(input_ids, dtype=torch.bool)
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """Make already-seen tokens less likely: divide positive logits, multiply negative ones
+    (dividing a negative logit would make the token *more* likely)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample_next(logits, temperature: float, top_k: int, top_p: float):
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p (the best one always stays).
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]

@@ -1,0 +1,111 @@
+"""The frozen vision tower: a transformers CLIP vision model read from a local folder.
+
+Features are the output of one encoder layer (the last by default), i.e. the hidden states
+*before* CLIP's post-layernorm: 50 x 768 for ViT-B/32 at 224 px (CLS + 7x7 patches). They are
+captured with a forward hook, so any layer can be chosen without changing CLIP's code.
+"""
+import contextlib
+import os
+from typing import List, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+REAL_CLIP_HINT = ("download openai/clip-vit-base-patch32 (config.json, preprocessor_config.json, "
+                  "model.safetensors or pytorch_model.bin) into that folder, or run "
+                  "`python dataset/demo_data.py` for the small demo encoder")
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """CLIP wants 3-channel RGB; palette, grey, CMYK and alpha images are converted (alpha is
+    composited on white so transparent areas do not turn black)."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+class VisionEncoder(nn.Module):
+    """CLIP vision model + image processor, frozen, returning hooked layer features [N, 50, 768]."""
+
+    def __init__(self, clip_vision_model: nn.Module, processor, layer: int = -1, squash: bool = True):
+        super().__init__()
+        self.clip = clip_vision_model
+        self.processor = processor
+        self.squash = squash
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        # transformers 4.x nests the tower under `.vision_model`; 5.x does not.
+        tower = getattr(self.clip, "vision_model", self.clip)
+        self.layer_index = layer
+        self._captured = None
+        tower.encoder.layers[layer].register_forward_hook(self._capture)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.clip.config.hidden_size
+
+    @property
+    def image_size(self) -> int:
+        return self.clip.config.image_size
+
+    @classmethod
+    def from_pretrained(cls, path: str, layer: int = -1, squash: bool = True) -> "VisionEncoder":
+        """Load from a local folder only: there is never a hub download at run time."""
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"vision model not found at {path}: {REAL_CLIP_HINT}")
+        from transformers import CLIPVisionModel
+
+        try:  # transformers 5: the PIL processor (the fast one needs torchvision)
+            from transformers import CLIPImageProcessorPil as Processor
+        except ImportError:  # transformers 4
+            from transformers import CLIPImageProcessor as Processor
+
+        _quiet_transformers()
+        model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
+        processor = Processor.from_pretrained(path, local_files_only=True)
+        return cls(model, processor, layer=layer, squash=squash)
+
+    def train(self, mode: bool = True):
+        # Frozen means frozen: the tower stays in eval mode whatever the trainer says.
+        return super().train(False)
+
+    def _capture(self, module, inputs, output):
+        self._captured = output[0] if isinstance(output, tuple) else output
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> pixel_values [N, 3, 224, 224].
+
+        By default every image is first squashed to a square (aspect ratio not kept), as
+        MiniMind-V v1 did and its published weights were trained with; squash=False keeps
+        the processor's own resize + centre crop.
+        """
+        size = self.image_size
+        images = [to_rgb(im) for im in images]
+        if self.squash:
+            images = [im.resize((size, size), Image.BICUBIC) for im in images]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, H, W] -> features [N, tokens, hidden], all images in one call."""
+        pixel_values = pixel_values.to(self.clip.device, self.clip.dtype, non_blocking=True)
+        on_cuda = pixel_values.device.type == "cuda"
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+        with amp:
+            self.clip(pixel_values=pixel_values)
+        features, self._captured = self._captured, None
+        return features
+
+    def encode_images(self, images: List[Image.Image]) -> torch.Tensor:
+        return self(self.preprocess(images))

@@ -1,0 +1,323 @@
+"""The core model: published checkpoint layout, splice, generation, vision hook, MoE."""
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_CLIP_HIDDEN, tiny_config
+from model.checkpoint import (CheckpointError, atomic_save, build_vlm, config_from_state_dict,
+                              load_weights, model_state_dict, read_state_dict)
+from model.config import IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER_IDS, VLMConfig
+from model.language import apply_repetition_penalty, sample_next
+from model.prompt import count_placeholders, encode_chat_prompt, encode_conversation, encode_text
+from model.vision import VisionEncoder
+from model.vlm import MiniMindVLM
+
+
+def published_state_dict(dim, n_layers, bias=True):
+    """A synthetic state_dict with exactly the keys and shapes of the published v1 files."""
+    hidden = {512: 1408, 768: 2048}[dim]
+    kv = dim // 2
+    sd = {"tok_embeddings.weight": torch.randn(6400, dim)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        sd[p + "attention.wq.weight"] = torch.randn(dim, dim)
+        sd[p + "attention.wk.weight"] = torch.randn(kv, dim)
+        sd[p + "attention.wv.weight"] = torch.randn(kv, dim)
+        sd[p + "attention.wo.weight"] = torch.randn(dim, dim)
+        sd[p + "attention_norm.weight"] = torch.randn(dim)
+        sd[p + "ffn_norm.weight"] = torch.randn(dim)
+        sd[p + "feed_forward.w1.weight"] = torch.randn(hidden, dim)
+        sd[p + "feed_forward.w2.weight"] = torch.randn(dim, hidden)
+        sd[p + "feed_forward.w3.weight"] = torch.randn(hidden, dim)
+    sd["norm.weight"] = torch.randn(dim)
+    sd["output.weight"] = sd["tok_embeddings.weight"]
+    sd["vision_proj.vision_proj.0.weight"] = torch.randn(dim, 768)
+    if bias:
+        sd["vision_proj.vision_proj.0.bias"] = torch.randn(dim)
+    return sd
+
+
+# ---------------------------------------------------------------- published checkpoint parity
+@pytest.mark.parametrize("preset,dim,n_layers,total", [("512", 512, 8, 27_272_192), ("768", 768, 16, 109_340_160)])
+def test_published_layout_loads_strictly(tmp_path, preset, dim, n_layers, total):
+    sd = published_state_dict(dim, n_layers)
+    path = tmp_path / f"{dim}_vlm_sft.pth"
+    torch.save(sd, path)
+    model = MiniMindVLM(VLMConfig.from_preset(preset))        # built unbiased: the file turns bias on
+    assert load_weights(model, str(path)) == "vlm"
+    assert model.config.vision_proj_bias
+    assert sum(p.numel() for p in model.parameters()) == total
+    assert set(model.state_dict()) == set(sd)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+    assert model.config.hidden_dim == {512: 1408, 768: 2048}[dim]
+    assert model.config.head_dim == {512: 32, 768: 48}[dim]
+
+
+def test_llm_param_count_and_llm_only_file(tmp_path, caplog):
+    sd = published_state_dict(512, 8)
+    llm = {k: v for k, v in sd.items() if not k.startswith("vision_proj")}
+    assert sum(v.numel() for k, v in llm.items() if k != "output.weight") == 26_878_464
+    torch.save(llm, tmp_path / "512_llm.pth")
+    model = MiniMindVLM(VLMConfig.from_preset("512"))
+    fresh = model.vision_proj.vision_proj[0].weight.clone()
+    with caplog.at_level("INFO", logger="minimind_v"):
+        assert load_weights(model, str(tmp_path / "512_llm.pth")) == "llm"
+    assert "freshly initialised" in caplog.text
+    assert torch.equal(model.vision_proj.vision_proj[0].weight, fresh)
+    assert torch.equal(model.layers[3].attention.wq.weight, sd["layers.3.attention.wq.weight"])
+
+
+def test_old_file_variants_load(tmp_path):
+    sd = published_state_dict(512, 8, bias=False)
+    old = {"_orig_mod." + k: v for k, v in sd.items()}
+    for i in range(8):
+        old[f"_orig_mod.layers.{i}.attention.mask"] = torch.full((1, 1, 8, 8), float("-inf")).triu(1)
+    torch.save(old, tmp_path / "old.pth")
+    model = MiniMindVLM(VLMConfig.from_preset("512"))
+    load_weights(model, str(tmp_path / "old.pth"))
+    assert not model.config.vision_proj_bias
+    assert torch.equal(model.norm.weight, sd["norm.weight"])
+    ddp = {"module." + k: v for k, v in sd.items()}
+    load_weights(MiniMindVLM(VLMConfig.from_preset("512")), ddp)
+
+
+def test_wrong_keys_fail_with_names(tmp_path):
+    sd = published_state_dict(512, 8)
+    sd["layers.0.attention.wq_typo.weight"] = sd.pop("layers.0.attention.wq.weight")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(MiniMindVLM(VLMConfig.from_preset("512")), sd)
+    assert "layers.0.attention.wq.weight" in str(err.value) and "wq_typo" in str(err.value)
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        load_weights(MiniMindVLM(VLMConfig.from_preset("768")), published_state_dict(512, 8))
+    torch.save({"model": "not tensors"}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError):
+        read_state_dict(str(tmp_path / "bad.pth"))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        read_state_dict(str(tmp_path / "nope.pth"))
+
+
+def test_config_inferred_from_weights():
+    cfg = config_from_state_dict(published_state_dict(768, 16))
+    assert (cfg.dim, cfg.n_layers, cfg.n_kv_heads, cfg.hidden_dim, cfg.vision_proj_bias) == (768, 16, 8, 2048, True)
+    moe = MiniMindVLM(tiny_config(use_moe=True, n_routed_experts=3))
+    cfg = config_from_state_dict(moe.state_dict(), n_heads=4)
+    assert cfg.use_moe and cfg.n_routed_experts == 3 and cfg.dim == 64
+
+
+def test_atomic_save_roundtrip_through_real_loader(tmp_path, tiny_clip_dir):
+    torch.manual_seed(1)
+    model = MiniMindVLM(tiny_config())
+    path = tmp_path / "out" / "64_vlm_sft.pth"
+    atomic_save(model_state_dict(model), str(path))
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+    loaded = build_vlm(str(path), vision_model_path=tiny_clip_dir, n_heads=4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert not any(k.startswith("vision") and "proj" not in k for k in loaded.state_dict())
+
+
+def test_missing_vision_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="clip-vit-base-patch32"):
+        VisionEncoder.from_pretrained(str(tmp_path / "nothing"))
+
+
+# ---------------------------------------------------------------- tokenizer and prompts
+def test_tokenizer_placeholder_ids(tokenizer):
+    assert len(tokenizer) == 6400
+    assert tokenizer(IMAGE_PLACEHOLDER)["input_ids"] == IMAGE_PLACEHOLDER_IDS
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert tokenizer.apply_chat_template(msgs, tokenize=False) == "<s>user\nhi</s>\n<s>assistant\nyo</s>\n"
+
+
+def test_image_mark_after_space_keeps_the_image(tokenizer):
+    text = "look at this <image> please"
+    # The bug being fixed: writing the placeholder into the text lets " <" merge away.
+    naive = tokenizer.encode(text.replace("<image>", IMAGE_PLACEHOLDER), add_special_tokens=False)
+    assert count_placeholders(naive, IMAGE_PLACEHOLDER_IDS) == 0
+    ids = encode_text(tokenizer, text, IMAGE_PLACEHOLDER_IDS)
+    assert count_placeholders(ids, IMAGE_PLACEHOLDER_IDS) == 1
+    two = encode_chat_prompt(tokenizer, [{"role": "user", "content": "a <image> b <image>"}], IMAGE_PLACEHOLDER_IDS)
+    assert count_placeholders(two, IMAGE_PLACEHOLDER_IDS) == 2
+
+
+def test_conversation_mask_covers_every_answer(tokenizer):
+    msgs = [{"role": "user", "content": "<image>\n这是什么？"}, {"role": "assistant", "content": "一只猫。"},
+            {"role": "user", "content": "什么颜色？"}, {"role": "assistant", "content": "黑色。"}]
+    ids, mask = encode_conversation(tokenizer, msgs, IMAGE_PLACEHOLDER_IDS)
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "一只猫。</s>黑色。</s>"
+    prompt = encode_chat_prompt(tokenizer, msgs[:1], IMAGE_PLACEHOLDER_IDS)
+    assert ids[:len(prompt)] == prompt        # training text is exactly what inference sees
+
+
+# ---------------------------------------------------------------- splice
+def test_visual_tokens_land_on_placeholders_only():
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_config())
+    span = IMAGE_PLACEHOLDER_IDS
+    row0 = [5, 6] + span + [7] + span + [8]          # two images
+    row1 = [9] * 10 + span + [0] * (len(row0) - 10 - len(span))   # one image, right padding
+    row2 = [11] * len(row0)                          # text only
+    ids = torch.tensor([row0, row1, row2])
+    feats = torch.randn(3, 50, TINY_CLIP_HIDDEN)
+    h = model.embed(ids, image_features=feats, images_per_sample=torch.tensor([2, 1, 0]))
+    proj = model.vision_proj(feats)
+    plain = model.tok_embeddings(ids)
+    assert torch.allclose(h[0, 2:52], proj[0]) and torch.allclose(h[0, 53:103], proj[1])
+    assert torch.allclose(h[1, 10:60], proj[2])
+    is_image = torch.zeros_like(ids, dtype=torch.bool)
+    is_image[0, 2:52] = is_image[0, 53:103] = is_image[1, 10:60] = True
+    assert torch.equal(h[~is_image], plain[~is_image])
+    assert torch.equal(model._text_positions(ids), ~is_image)
+
+
+def test_placeholder_image_mismatch_is_an_error():
+    model = MiniMindVLM(tiny_config())
+    ids = torch.tensor([[5] + IMAGE_PLACEHOLDER_IDS, [6] * 51])
+    with pytest.raises(ValueError, match="1 image placeholder"):
+        model.embed(ids, image_features=torch.randn(2, 50, TINY_CLIP_HIDDEN))
+    with pytest.raises(ValueError, match="per sample"):
+        model.embed(ids, image_features=torch.randn(1, 50, TINY_CLIP_HIDDEN), images_per_sample=torch.tensor([0, 1]))
+    assert model.embed(torch.tensor([[5, 6, 7]])).shape == (1, 3, 64)   # image-free batch
+
+
+def test_gradients_reach_projector_and_llm_not_clip(tiny_vlm, tokenizer):
+    tiny_vlm.train()
+    ids = torch.tensor([encode_text(tokenizer, "<image>\n红色圆形", IMAGE_PLACEHOLDER_IDS)] * 2)
+    pixels = torch.randn(2, 3, 224, 224)
+    loss = tiny_vlm(ids, labels=ids, pixel_values=pixels).loss
+    loss.backward()
+    assert tiny_vlm.vision_proj.vision_proj[0].weight.grad.abs().sum() > 0
+    assert tiny_vlm.layers[0].attention.wq.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in tiny_vlm.vision_encoder.parameters())
+    assert not tiny_vlm.vision_encoder.clip.training       # frozen tower stays in eval mode
+    assert not any("clip" in n for n, _ in tiny_vlm.named_parameters())
+
+
+# ---------------------------------------------------------------- vision tower
+def test_hooked_features_equal_last_hidden_state(tiny_clip_dir):
+    from transformers import CLIPVisionModel
+
+    enc = VisionEncoder.from_pretrained(tiny_clip_dir)
+    ref = CLIPVisionModel.from_pretrained(tiny_clip_dir).eval()
+    pixels = torch.randn(3, 3, 224, 224)
+    feats = enc(pixels)
+    assert feats.shape == (3, 50, TINY_CLIP_HIDDEN)
+    torch.testing.assert_close(feats, ref(pixel_values=pixels).last_hidden_state)
+    first = VisionEncoder.from_pretrained(tiny_clip_dir, layer=0)(pixels)
+    assert not torch.allclose(first, feats)
+    # One batched call equals image-by-image calls.
+    torch.testing.assert_close(torch.cat([enc(pixels[i:i + 1]) for i in range(3)]), feats, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "RGB"])
+def test_preprocess_any_mode_to_224(tiny_clip_dir, mode):
+    enc = VisionEncoder.from_pretrained(tiny_clip_dir)
+    img = Image.new("RGB", (300, 120), (255, 0, 0)).convert(mode)
+    pixels = enc.preprocess([img, Image.new("RGB", (64, 64))])
+    assert pixels.shape == (2, 3, 224, 224)
+    assert torch.allclose(pixels[0], pixels[0, :, :1, :1], atol=1e-4)     # one uniform colour
+    if mode != "L":
+        assert pixels[0, 0, 0, 0] > 1.5 and pixels[0, 2, 0, 0] < -1.0      # red stayed red
+
+
+def test_squash_keeps_the_whole_picture(tiny_clip_dir):
+    img = Image.new("RGB", (448, 224), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 40, 224))         # a red stripe at the far left
+    squashed = VisionEncoder.from_pretrained(tiny_clip_dir).preprocess([img])
+    cropped = VisionEncoder.from_pretrained(tiny_clip_dir, squash=False).preprocess([img])
+    assert squashed[0, 0, 100, 0] > 1.5            # v1 behaviour: the stripe survives
+    assert cropped[0, 0, 100, 0] < 0               # centre crop cuts it off
+
+
+# ---------------------------------------------------------------- generation
+def _prompts(tokenizer, model):
+    texts = ["<image>\n这个图片描述的是什么内容？", "你好", "<image>\n<image>\n比较两张图片"]
+    return [encode_chat_prompt(tokenizer, [{"role": "user", "content": t}], model.config.image_ids) for t in texts]
+
+
+def test_kv_cache_matches_full_recompute(tiny_vlm, tokenizer):
+    ids = torch.tensor([_prompts(tokenizer, tiny_vlm)[0]])
+    pixels = torch.randn(1, 3, 224, 224)
+    kw = dict(max_new_tokens=20, eos_token_id=-1, pixel_values=pixels)
+    cached = tiny_vlm.generate(ids, use_cache=True, **kw)
+    full = tiny_vlm.generate(ids, use_cache=False, **kw)
+    assert cached.shape == (1, 20)                       # max_new_tokens counts NEW tokens
+    assert torch.equal(cached, full)
+
+
+def test_batched_generation_equals_one_by_one(tiny_vlm, tokenizer):
+    prompts = _prompts(tokenizer, tiny_vlm)
+    n_imgs = [1, 0, 2]
+    pixels = torch.randn(3, 3, 224, 224)
+    singles, start = [], 0
+    for p, n in zip(prompts, n_imgs):
+        singles.append(tiny_vlm.generate(torch.tensor([p]), max_new_tokens=12, eos_token_id=-1,
+                                         pixel_values=pixels[start:start + n] if n else None)[0])
+        start += n
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])            # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batched = tiny_vlm.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=-1, pixel_values=pixels)
+    for row, single in zip(batched, singles):
+        assert torch.equal(row, single)
+
+
+def test_streaming_and_eos_stop(tiny_vlm, tokenizer):
+    ids = torch.tensor([_prompts(tokenizer, tiny_vlm)[1]])
+    whole = tiny_vlm.generate(ids, max_new_tokens=15, eos_token_id=-1)
+    streamed = torch.cat(list(tiny_vlm.generate(ids, max_new_tokens=15, eos_token_id=-1, stream=True)), dim=1)
+    assert torch.equal(whole, streamed)
+    eos = int(whole[0, 4])   # pretend the 5th greedy token is the end of sequence
+    assert tiny_vlm.generate(ids, max_new_tokens=15, eos_token_id=eos).shape[1] <= 5
+
+
+def test_repetition_penalty_lowers_negative_and_positive_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_repetition_penalty_skips_image_placeholder(tiny_vlm, tokenizer):
+    ids = torch.tensor([encode_text(tokenizer, "<image>\n<>", IMAGE_PLACEHOLDER_IDS)])
+    seen = tiny_vlm._penalty_mask(ids, torch.ones_like(ids))
+    text_ids = set(tokenizer.encode("\n<>", add_special_tokens=False))
+    assert set(seen[0].nonzero().flatten().tolist()) == text_ids
+    ids = torch.tensor([encode_text(tokenizer, "<image>\n你好", IMAGE_PLACEHOLDER_IDS)])
+    assert not tiny_vlm._penalty_mask(ids, torch.ones_like(ids))[0, 30]
+
+
+def test_sampling_filters():
+    torch.manual_seed(0)
+    logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]]).repeat(200, 1)
+    assert set(sample_next(logits, 1.0, top_k=2, top_p=1.0).tolist()) <= {0, 1}
+    assert set(sample_next(logits, 1.0, top_k=0, top_p=0.5).tolist()) == {0}
+    assert sample_next(logits, 0.0, 0, 1.0).tolist() == [0] * 200
+
+
+# ---------------------------------------------------------------- MoE
+def test_moe_trains_and_generates():
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_config(use_moe=True))
+    keys = set(model.state_dict())
+    assert "layers.0.feed_forward.gate.weight" in keys and "layers.1.feed_forward.experts.3.w2.weight" in keys
+    assert any(re.match(r"layers\.0\.feed_forward\.shared_experts\.w1", k) for k in keys)
+    ids = torch.randint(40, 6400, (2, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = model(ids, labels=ids)
+        assert out.aux_loss > 0
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] * 0.7
+    model.eval()
+    assert model.generate(ids[:1], max_new_tokens=6, eos_token_id=-1).shape == (1, 6)
+    assert model(ids).aux_loss == 0      # no balancing loss at inference
