@@ -11,20 +11,21 @@ exactly one right answer; positions are only asked about when there is a single 
 """
 import argparse
 import hashlib
-import io
 import json
-import multiprocessing
 import os
 import random
 import re
 import shutil
+import struct
 import sys
 import time
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # so `python dataset/demo_data.py` works from the repo root
     sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 # Bump when the generated data changes, so stale output on disk is regenerated.
@@ -203,41 +204,45 @@ def sample_pair(rng):
     return a, sample_scene(rng, count=count, colour=colour, shape=shape)
 
 
-def conv(question, reply, first=None):
-    human = (first if first is not None else "") + question
-    return [{"from": "human", "value": human}, {"from": "gpt", "value": reply}]
+def conv(question, reply, prefix=""):
+    """One human/gpt exchange; `prefix` carries the `<image>` marks of the first question."""
+    return [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": reply}]
 
 
 # ----------------------------------------------------------------------------- generation
 
+def _png(img):
+    """PNG bytes of an RGB picture. Written by hand because PIL's encoder chooses a filter for
+    every row, which makes it 2-3x slower and buys nothing on flat-colour pictures (rows here
+    use filter 0); encoding is most of the generation time."""
+    width, height = img.size
+    rows = np.zeros((height, 1 + 3 * width), dtype=np.uint8)  # column 0: each row's filter byte
+    rows[:, 1:] = np.asarray(img, dtype=np.uint8).reshape(height, -1)
+    rows = rows.tobytes()
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 3))
+            + chunk(b"IEND", b""))
+
+
 def _encode(scene):
     """PNG bytes of a scene. Identical pixels give identical bytes, so we hash these."""
-    buf = io.BytesIO()
-    render_scene(scene).save(buf, format="PNG")
-    return buf.getvalue()
+    return _png(render_scene(scene))
 
 
-def _save_one(job):
-    path, scene = job
-    png = _encode(scene)
-    with open(path, "wb") as f:
-        f.write(png)
-    return hashlib.md5(png).hexdigest()
-
-
-def _save_all(folder, jobs, workers):
-    """Render and save [(file name, scene)]; returns the set of image hashes.
-
-    PNG encoding dominates the run time, so big sets use a few processes ("spawn": safe even
-    when the caller has torch threads running). Scenes were all drawn beforehand from one
-    random stream, so the output does not depend on the number of workers.
-    """
+def _save_all(folder, jobs):
+    """Render and save [(file name, scene)]; returns the set of image hashes."""
     os.makedirs(folder, exist_ok=True)
-    jobs = [(os.path.join(folder, name), scene) for name, scene in jobs]
-    if workers > 1 and len(jobs) >= 500:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            return set(pool.map(_save_one, jobs, chunksize=64))
-    return set(map(_save_one, jobs))
+    hashes = set()
+    for name, scene in jobs:
+        png = _encode(scene)
+        hashes.add(hashlib.md5(png).hexdigest())
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(png)
+    return hashes
 
 
 def _stream(seed, name):
@@ -338,10 +343,8 @@ def _write_jsonl(path, records):
 
 
 def generate_demo_data(out_dir="dataset/demo", seed=0, n_pretrain=4000, n_sft=4000, n_multi=1000,
-                       n_heldout=300, force=False, workers=None):
+                       n_heldout=300, force=False):
     """Write the four demo sets into `out_dir`; reuse complete output with the same settings.
-
-    `workers`: processes for PNG encoding (default: up to 4); the output does not depend on it.
 
     Returns the manifest (seed, counts, version and the file names of each set).
     """
@@ -363,13 +366,11 @@ def generate_demo_data(out_dir="dataset/demo", seed=0, n_pretrain=4000, n_sft=40
         os.remove(manifest_path)
     os.makedirs(out_dir, exist_ok=True)
 
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1)
     sets, seen = {}, set()
     for name, gen, n in (("pretrain", _gen_pretrain, n_pretrain), ("sft", _gen_sft, n_sft),
                          ("sft_multi", _gen_multi, n_multi)):
         sets[name], jobs = gen(seed, n)
-        seen |= _save_all(os.path.join(out_dir, FILES[name][1]), jobs, workers)
+        seen |= _save_all(os.path.join(out_dir, FILES[name][1]), jobs)
     sets["heldout"] = _gen_heldout(os.path.join(out_dir, FILES["heldout"][1]), seed, n_heldout, seen)
     for name, records in sets.items():
         _write_jsonl(os.path.join(out_dir, FILES[name][0]), records)
@@ -394,7 +395,7 @@ _POSITION_WORDS = {"左上": "左上", "右上": "右上", "左下": "左下", "
 _NUMBER_WORDS = {**{str(d): d for d in range(10)},
                  **{c: i for i, c in enumerate("零一二三四五六七八九十")}, "两": 2, "俩": 2}
 # Words whose numeral characters are not counts.
-_NOT_COUNTS = re.compile("三角|一样|一种|同一|第一|第二|一张|两张|一下|一共|一起")
+_NOT_COUNTS = re.compile("三角|一样|一种|同一|第[一二两12]|[一两12]张|一下|一共|一起")
 
 
 def colours_in(text):
@@ -467,22 +468,31 @@ def _score_multi(a, text):
 
 # ----------------------------------------------------------------------------- vision tower
 
-def make_demo_clip(path="model/vision_model/demo-clip", seed=0, hidden_size=256, num_layers=4, force=False):
+def make_demo_clip(path="model/vision_model/demo-clip", seed=0, hidden_size=256, num_layers=2, force=False):
     """Save a small randomly initialised CLIP (plus image processor) laid out like the real one.
 
     The encoder stays frozen in the demo, so random weights just have to keep colour, shape and
-    position apart: the patch embedding is a random linear map of each 32x32 patch, which it
-    does (tests check that pictures differing only in colour give clearly different features).
+    position apart. The patch embedding is a random linear map of each 32x32 patch, so each of
+    the 49 patch tokens keeps what its patch shows (tests check that pictures differing only in
+    colour give clearly different features). `initializer_range` is left at CLIP's 0.02: it
+    scales patch and position embeddings alike and pre-LayerNorm removes the scale, so it does
+    not change the features. Depth hardly matters either (random layers mostly add a near-uniform
+    attention average to the residual stream); two layers keep it cheap.
     """
+    # Recorded in config.json so a folder made with other settings is rebuilt, not reused.
+    recipe = {"version": VERSION, "seed": seed, "hidden_size": hidden_size, "num_layers": num_layers}
+    files = [os.path.join(path, f) for f in ("config.json", "preprocessor_config.json", "model.safetensors")]
+    if not force and all(map(os.path.isfile, files)):
+        with open(files[0], encoding="utf-8") as f:
+            if json.load(f).get("demo_clip_recipe") == recipe:
+                return path  # checked before importing torch, so reuse is instant
+
     import torch
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # before the imports below, which warn too
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    if not force and all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "preprocessor_config.json")) \
-            and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path)):
-        return path
     config = CLIPConfig(
         # The text tower is unused; it is here (tiny) so the folder is a complete CLIPModel.
         text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
@@ -491,6 +501,7 @@ def make_demo_clip(path="model/vision_model/demo-clip", seed=0, hidden_size=256,
                            num_hidden_layers=num_layers, num_attention_heads=max(1, hidden_size // 64),
                            image_size=IMAGE_SIZE, patch_size=32),
         projection_dim=min(hidden_size, 128),
+        demo_clip_recipe=recipe,
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()

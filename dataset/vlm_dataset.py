@@ -181,6 +181,7 @@ class VLMDataset(Dataset):
                 self.report(ref, str(bad))
                 continue
             self.samples.append((ref, record.get("id"), messages, paths))
+        self._file_sizes = {}  # only needed while loading; don't ship it to every worker
         # Cheap length estimates for length-grouped batching: about one token per character
         # (true for Chinese, generous for English) plus the placeholder of every image.
         self.approx_lengths = [self._approx_length(s[2]) for s in self.samples]
@@ -270,7 +271,7 @@ class VLMDataset(Dataset):
             size = self._file_size(path)
             if size is None:
                 raise _Bad(f"image file missing: {path}")
-            if False:
+            if size == 0:
                 raise _Bad(f"image file is empty (0 bytes): {path}")
         return messages, paths
 

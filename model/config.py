@@ -18,6 +18,7 @@ PRESETS = {
     "512": dict(dim=512, n_layers=8),     # ~27M parameters, the flagship
     "768": dict(dim=768, n_layers=16),    # ~109M parameters
     "demo": dict(dim=256, n_layers=4, max_seq_len=512),  # trains in minutes on a CPU
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512),  # smoke tests
 }
 
 
@@ -92,6 +93,8 @@ class VLMConfig(PretrainedConfig):
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
         if len(self.image_ids) != image_token_len:
             raise ValueError(f"image_ids has {len(self.image_ids)} ids but image_token_len={image_token_len}")
+        # The output layer is always tied to the embeddings; a saved config.json repeats the flag.
+        kwargs.pop("tie_word_embeddings", None)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, tie_word_embeddings=True, **kwargs)
 

@@ -154,9 +154,6 @@ class MoEFeedForward(nn.Module):
             token_idx, slot = (top_i == e).nonzero(as_tuple=True)
             if token_idx.numel():
                 out.index_add_(0, token_idx, expert(flat[token_idx]) * top_w[token_idx, slot, None])
-            elif self.training:
-                # Keep every expert in the graph so DDP sees a gradient for all parameters.
-                out = out + 0.0 * expert(flat[:1]).sum()
         out = out.view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

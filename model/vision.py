@@ -35,14 +35,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
+class ImagePreprocessor:
+    """PIL images -> pixel_values [N, 3, 224, 224]. Small and picklable, so DataLoader workers
+    can run it without carrying the CLIP weights along.
+
+    By default every image is first squashed to a square (aspect ratio not kept), as
+    MiniMind-V v1 did and its published weights were trained with; squash=False keeps the
+    processor's own resize + centre crop.
+    """
+
+    def __init__(self, processor, size: int, squash: bool = True):
+        self.processor, self.size, self.squash = processor, size, squash
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        images = [to_rgb(im) for im in images]
+        if self.squash:
+            images = [im.resize((self.size, self.size), Image.BICUBIC) for im in images]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
 class VisionEncoder(nn.Module):
     """CLIP vision model + image processor, frozen, returning hooked layer features [N, 50, 768]."""
 
     def __init__(self, clip_vision_model: nn.Module, processor, layer: int = -1, squash: bool = True):
         super().__init__()
         self.clip = clip_vision_model
-        self.processor = processor
-        self.squash = squash
+        self.preprocess = ImagePreprocessor(processor, clip_vision_model.config.image_size, squash)
         self.clip.requires_grad_(False)
         self.clip.eval()
         # transformers 4.x nests the tower under `.vision_model`; 5.x does not.
@@ -82,19 +100,6 @@ class VisionEncoder(nn.Module):
 
     def _capture(self, module, inputs, output):
         self._captured = output[0] if isinstance(output, tuple) else output
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> pixel_values [N, 3, 224, 224].
-
-        By default every image is first squashed to a square (aspect ratio not kept), as
-        MiniMind-V v1 did and its published weights were trained with; squash=False keeps
-        the processor's own resize + centre crop.
-        """
-        size = self.image_size
-        images = [to_rgb(im) for im in images]
-        if self.squash:
-            images = [im.resize((size, size), Image.BICUBIC) for im in images]
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

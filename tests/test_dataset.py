@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dataset.vlm_dataset import IGNORE_INDEX, Skipped, VLMDataset, collate, make_collate
-from model.config import IMAGE_PLACEHOLDER_IDS
+from model.config import IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER_IDS
 from model.prompt import count_placeholders, encode_conversation, load_tokenizer
 from scripts.check_data import check_dataset, main as check_main
 
@@ -284,8 +284,10 @@ def bad_dataset(tmp_path, images):
     """
     (images / "empty.jpg").write_bytes(b"")
     (images / "text.jpg").write_bytes(b"this is not an image")
-    data = (images / "a.jpg").read_bytes()
-    (images / "cut.jpg").write_bytes(data[: len(data) // 2])
+    # Truncated after a valid header: opening works, only a full decode notices.
+    Image.effect_noise((64, 64), 50).convert("RGB").save(images / "full.jpg", quality=95)
+    data = (images / "full.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
     lines = [
         (GOOD, None),
         ('{"id": "broken", "image": "a.jpg", ', "malformed JSON"),
@@ -298,6 +300,10 @@ def bad_dataset(tmp_path, images):
         (rec("empty", "", ), "empty conversation"),
         (rec("noanswer", "a.jpg", "<image>问"), "no assistant turn"),
         (rec("blank", "a.jpg", "<image>问", "  "), "empty answer"),
+        (rec("dangling", "a.jpg", "<image>问", "答", "还有吗?"), "unanswered user turn"),
+        ({"id": "order", "image": "", "conversations": [{"role": "assistant", "content": "答"}]},
+         "turns do not alternate"),
+        (rec("echo", "a.jpg", "<image>问", "答<image>"), "<image> mark in an answer"),
         (rec("marks", "a.jpg, c.jpg", "<image>问", "答"), "image count mismatch"),
         (rec("many", "a.jpg, b.png, c.jpg", "<image><image><image>", "答"), "too many images"),
         (rec("missing", "nothere.jpg", "<image>问", "答"), "image file missing"),
@@ -305,7 +311,9 @@ def bad_dataset(tmp_path, images):
         ('[1, 2]', "record is not a JSON object"),
     ]
     lazy = [(rec("notimage", "text.jpg", "<image>问", "答"), "image cannot be decoded"),
-            (rec("truncated", "cut.jpg", "<image>问", "答"), "image cannot be decoded")]
+            (rec("truncated", "cut.jpg", "<image>问", "答"), "image cannot be decoded"),
+            # Text that spells the placeholder would smuggle in an extra image span.
+            (rec("spoof", "", IMAGE_PLACEHOLDER, "答"), "placeholder count mismatch")]
     path = tmp_path / "bad.jsonl"
     with open(path, "wb") as f:
         for r, _ in lines + lazy:
@@ -335,7 +343,7 @@ def test_every_bad_record_is_skipped_with_a_named_reason(tok, tmp_path, images, 
     assert len(ds.problems) == len(load) + len(late)
     summary = ds.summary()
     assert f"{len(load) + 1 + len(late)} record(s) read" in summary
-    assert "2  image cannot be decoded" in summary and "1  malformed JSON" in summary
+    assert "2  image cannot be decoded" in summary and "1  placeholder count mismatch" in summary and "1  malformed JSON" in summary
 
 
 def test_bad_records_in_a_json_list(tok, tmp_path, images):

@@ -1,0 +1,254 @@
+"""Answering questions about pictures: the one code path behind `3-eval_chat.py`, `web_server.py`
+and the demo.
+
+- `resolve_weights` turns `pretrain` / `sft` / `sft_multi`, a `.pth` path or an exported folder
+  into a path, `load_model` builds the model from it (the size is read from the weights);
+- `load_image` opens a picture or raises a one-line `ImageError`;
+- `stream_answer` yields the answer text piece by piece (`answer` returns it whole).
+
+Problems a user can fix (a missing file, a picture that is not one) raise `UserError`, whose
+message is one line that names the path and what to do: front ends show it without a traceback.
+"""
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from .checkpoint import CheckpointError, build_vlm, config_from_state_dict, load_weights, read_state_dict
+from .config import IMAGE_MARK, VLMConfig
+from .prompt import encode_chat_prompt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT_DIR = "out"
+DEFAULT_VISION_MODEL = os.path.join(ROOT, "model", "vision_model", "clip-vit-base-patch32")
+DEMO_VISION_MODEL = os.path.join(ROOT, "model", "vision_model", "demo-clip")
+EVAL_IMAGES = os.path.join(ROOT, "dataset", "eval_images")
+EVAL_MULTI_IMAGES = os.path.join(ROOT, "dataset", "eval_multi_images", "bird")
+DEFAULT_QUESTION = "这个图片描述的是什么内容？"
+WEIGHT_NAMES = ("pretrain", "sft", "sft_multi")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The exported transformers model keeps our VLM as its `.model` attribute (modeling_minimind_v.py).
+EXPORT_PREFIX = "model."
+WEIGHTS_HINT = ("train them (1-pretrain_vlm.py, then 2-sft_vlm.py), put the published weights "
+                "there, or run `python demo.py` for a small demo model")
+
+
+_VISION_LOCK = threading.Lock()
+
+
+class UserError(Exception):
+    """A problem with the user's input; its message is one self-explaining line."""
+
+
+class ImageError(UserError):
+    pass
+
+
+@dataclass
+class Sampling:
+    """Decoding settings; the defaults are those of the original eval script."""
+    temperature: float = 0.65
+    top_k: int = 0              # 0: off
+    top_p: float = 0.85
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 512
+
+
+# -- which weights ------------------------------------------------------------------------------
+def weight_path(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = "512") -> str:
+    """`sft` -> `out/512_vlm_sft.pth` (the original file names); anything else is a path."""
+    return os.path.join(out_dir, f"{tag}_vlm_{name}.pth") if name in WEIGHT_NAMES else name
+
+
+def is_export_dir(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type") == VLMConfig.model_type
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_weights(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = "512") -> str:
+    path = weight_path(name, out_dir, tag)
+    if os.path.isdir(path):
+        if not is_export_dir(path):
+            raise UserError(f"{path} is not an exported MiniMind-V folder (no config.json with "
+                            f"model_type {VLMConfig.model_type!r}); export one with scripts/export_model.py")
+        return path
+    if not os.path.isfile(path):
+        raise UserError(f"weights not found: {path}; {WEIGHTS_HINT}")
+    return path
+
+
+def find_checkpoints(out_dir: str = DEFAULT_OUT_DIR) -> List[str]:
+    """VLM weight files (`*_vlm_*.pth`) and exported folders in `out_dir`, SFT ones first."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, name)
+        if (name.endswith(".pth") and "_vlm_" in name and os.path.isfile(path)) or is_export_dir(path):
+            found.append(path)
+    return sorted(found, key=lambda p: "_vlm_sft" not in os.path.basename(p))   # stable sort
+
+
+# -- loading ------------------------------------------------------------------------------------
+def read_export(folder: str):
+    """(config, state_dict) of a folder written by scripts/export_model.py, read without running
+    the folder's remote code."""
+    from safetensors.torch import load_file
+
+    config = VLMConfig.from_pretrained(folder)
+    weights = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise UserError(f"{weights} not found: the export is incomplete; export it again")
+    sd = {k[len(EXPORT_PREFIX):] if k.startswith(EXPORT_PREFIX) else k: v
+          for k, v in load_file(weights).items()}
+    return config, sd
+
+
+def clip_width(folder: str) -> Optional[int]:
+    """Hidden size of the CLIP vision tower saved in `folder`, or None if there is none."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return cfg.get("vision_config", cfg).get("hidden_size")
+
+
+def choose_vision_model(width: int, recorded: Optional[str] = None) -> str:
+    """The first known CLIP folder whose width fits the projector: the weights tell which encoder
+    they were trained with (768: CLIP ViT-B/32; the demo encoder is narrower)."""
+    candidates = [p for p in (recorded, DEFAULT_VISION_MODEL, DEMO_VISION_MODEL) if p]
+    for path in candidates:
+        if clip_width(path) == width:
+            return path
+    return candidates[0]   # loading it fails with a message that says how to get it
+
+
+def load_model(weights: str, vision_model_path: Optional[str] = None, device: str = "cpu"):
+    """A MiniMindVLM in eval mode, with its vision tower, from a `.pth` file or an exported folder.
+
+    Without `vision_model_path` the vision model is the one an export recorded, else the first
+    of the default and demo CLIP folders whose width fits the weights.
+    """
+    try:
+        if os.path.isdir(weights):
+            config, sd = read_export(weights)
+            recorded = config.vision_model_path
+        else:
+            sd = read_state_dict(weights)
+            config, recorded = config_from_state_dict(sd), None
+        vision = vision_model_path or choose_vision_model(config.vision_hidden_size, recorded)
+        model = build_vlm(config=config, vision_model_path=vision)
+        kind = load_weights(model, sd, name=weights)
+    except (FileNotFoundError, CheckpointError, ValueError, OSError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    if kind == "llm":
+        import warnings
+        warnings.warn(f"{weights} holds no vision projector (LLM-only weights): pictures pass "
+                      f"through an untrained projector")
+    return model.to(device).eval()
+
+
+def count_parameters(model) -> int:
+    """Parameters of the decoder and projector (the frozen CLIP is not a submodule)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- pictures -----------------------------------------------------------------------------------
+def load_image(source, name: Optional[str] = None) -> Image.Image:
+    """Open a picture (a path or a binary file object) fully, as RGB; anything else -> ImageError."""
+    from .vision import to_rgb
+
+    name = name or getattr(source, "name", None) or str(source)
+    try:
+        with Image.open(source) as image:
+            image.load()   # decode now: a truncated file fails here, not inside the model
+            return to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        reason = "cannot be read" if isinstance(e, FileNotFoundError) else "is not a readable image"
+        raise ImageError(f"{name} {reason}") from None
+
+
+def list_images(paths: Iterable[str]) -> List[str]:
+    """Files as given, folders expanded to the pictures in them (sorted by name)."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            out += [os.path.join(path, n) for n in sorted(os.listdir(path))
+                    if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+        else:
+            out.append(path)
+    return out
+
+
+# -- prompting and decoding ---------------------------------------------------------------------
+def build_prompt_ids(tokenizer, question: str, n_images: int, history: Sequence[dict] = (),
+                     image_ids: Sequence[int] = None, max_tokens: Optional[int] = None) -> List[int]:
+    """Ids of `history` (alternating user/assistant messages) + `question`, ready to answer.
+
+    The pictures belong to the conversation, so their `<image>` marks (one per picture, as in the
+    original) go at the start of the first user turn that is kept. When the prompt exceeds
+    `max_tokens`, the oldest exchanges are dropped.
+    """
+    image_ids = image_ids if image_ids is not None else VLMConfig().image_ids
+    turns = list(history)
+    while True:
+        messages = turns + [{"role": "user", "content": question}]
+        messages[0] = dict(messages[0], content=f"{IMAGE_MARK}\n" * n_images + messages[0]["content"])
+        ids = encode_chat_prompt(tokenizer, messages, image_ids)
+        if max_tokens is None or len(ids) <= max_tokens:
+            return ids
+        if not turns:
+            raise UserError(f"the question is too long: {len(ids)} prompt tokens, at most "
+                            f"{max_tokens} fit before the answer")
+        turns = turns[2:]
+
+
+def decode_stream(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces of a token stream. A Chinese character can span several byte-level tokens:
+    a piece is only released once it no longer ends in a half character (U+FFFD)."""
+    ids: List[int] = []
+    shown = ""
+    for token in token_ids:
+        ids.append(int(token))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        shown = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def stream_answer(model, tokenizer, images: Sequence[Image.Image], question: str,
+                  history: Sequence[dict] = (), sampling: Optional[Sampling] = None) -> Iterator[str]:
+    """Stream the model's answer to `question` about `images` (may be empty), after `history`."""
+    sampling = sampling or Sampling()
+    device = model.tok_embeddings.weight.device
+    budget = model.config.max_seq_len - sampling.max_new_tokens
+    ids = build_prompt_ids(tokenizer, question, len(images), history, model.config.image_ids, budget)
+    vision = {}
+    if images:
+        # One encode at a time: the encoder hands its features over through module state, and
+        # the web server shares one model between sessions.
+        with _VISION_LOCK:
+            vision["image_features"] = model.vision_encoder(model.vision_encoder.preprocess(list(images)))
+    steps = model.generate(torch.tensor([ids], device=device), max_new_tokens=sampling.max_new_tokens,
+                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                           repetition_penalty=sampling.repetition_penalty,
+                           eos_token_id=tokenizer.eos_token_id, stream=True, **vision)
+    yield from decode_stream(tokenizer, (step[0, 0].item() for step in steps))
+
+
+def answer(model, tokenizer, images: Sequence[Image.Image], question: str,
+           history: Sequence[dict] = (), sampling: Optional[Sampling] = None) -> str:
+    return "".join(stream_answer(model, tokenizer, images, question, history, sampling))

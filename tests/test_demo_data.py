@@ -1,0 +1,330 @@
+"""Tests of the offline shapes demo: generated data, answer scoring and the demo CLIP."""
+import hashlib
+import json
+import os
+import random
+import sys
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dataset import demo_data as dd  # noqa: E402
+
+SMALL = dict(n_pretrain=120, n_sft=120, n_multi=30, n_heldout=60)
+TRAIN_SETS = ("pretrain", "sft", "sft_multi")
+
+
+def load(out_dir, name):
+    with open(os.path.join(out_dir, dd.FILES[name][0]), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def image_paths(out_dir, name, record):
+    return [os.path.join(out_dir, dd.FILES[name][1], n.strip()) for n in record["image"].split(",")]
+
+
+def tree_digest(out_dir):
+    """One hash of every file's relative path and bytes."""
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(out_dir)):
+        for fn in sorted(files):
+            path = os.path.join(root, fn)
+            h.update(os.path.relpath(path, out_dir).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo"))
+    dd.generate_demo_data(out, seed=0, **SMALL)
+    return out
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_same_seed_same_bytes_other_seed_differs(demo, tmp_path):
+    again, other = str(tmp_path / "again"), str(tmp_path / "other")
+    dd.generate_demo_data(again, seed=0, **SMALL)
+    dd.generate_demo_data(other, seed=1, **SMALL)
+    assert tree_digest(again) == tree_digest(demo)
+    assert tree_digest(other) != tree_digest(demo)
+    assert load(other, "pretrain") != load(demo, "pretrain")
+    assert load(other, "heldout") != load(demo, "heldout")
+
+
+def test_reuse_and_regeneration(tmp_path):
+    out = str(tmp_path / "d")
+    sizes = dict(n_pretrain=6, n_sft=6, n_multi=3, n_heldout=6)
+    dd.generate_demo_data(out, **sizes)
+    marker = os.path.join(out, "pretrain_data.jsonl")
+    with open(marker, "a", encoding="utf-8") as f:
+        f.write("")  # keep contents; we watch the mtime
+    os.utime(marker, (1, 1))
+    dd.generate_demo_data(out, **sizes)
+    assert os.path.getmtime(marker) == 1, "complete output with the same settings must be reused"
+    dd.generate_demo_data(out, **sizes, force=True)
+    assert os.path.getmtime(marker) != 1
+    dd.generate_demo_data(out, **{**sizes, "n_pretrain": 4})
+    assert len(load(out, "pretrain")) == 4
+    assert len(os.listdir(os.path.join(out, "pretrain_images"))) == 4, "stale pictures left behind"
+    with open(os.path.join(out, dd.MANIFEST), encoding="utf-8") as f:
+        manifest = json.load(f)
+    assert manifest["version"] == dd.VERSION and manifest["seed"] == 0 and manifest["n_pretrain"] == 4
+
+
+# ----------------------------------------------------------------------------- format
+
+def check_conversation(conv, n_images):
+    assert len(conv) >= 2 and len(conv) % 2 == 0
+    for i, turn in enumerate(conv):
+        assert set(turn) == {"from", "value"}
+        assert turn["from"] == ("human" if i % 2 == 0 else "gpt")
+        assert turn["value"].strip()
+        if turn["from"] == "gpt":
+            assert "<image>" not in turn["value"]
+    assert sum(t["value"].count("<image>") for t in conv) == n_images
+    assert conv[0]["value"].count("<image>") == n_images  # all marks in the first question
+
+
+@pytest.mark.parametrize("name", list(dd.FILES))
+def test_records_and_images_match_the_original_format(demo, name):
+    records = load(demo, name)
+    assert len(records) == SMALL[{"pretrain": "n_pretrain", "sft": "n_sft", "sft_multi": "n_multi",
+                                  "heldout": "n_heldout"}[name]]
+    assert len({r["id"] for r in records}) == len(records)
+    for r in records:
+        paths = image_paths(demo, name, r)
+        if name == "sft_multi":
+            assert len(paths) == 2 and ", " in r["image"]
+        check_conversation(r["conversations"], len(paths))
+        if name == "pretrain":
+            assert len(r["conversations"]) == 2
+            assert r["conversations"][0]["value"].startswith("<image>\n")
+        if name == "heldout":
+            assert r["qtype"] in dd.HELDOUT_QTYPES
+            assert r["question"] == r["conversations"][0]["value"]
+            assert r["answer"] == r["conversations"][1]["value"]
+            assert r["question"].count("<image>") == len(paths) == (2 if r["qtype"] == "multi" else 1)
+        for p in paths:
+            with Image.open(p) as img:
+                assert img.size == (224, 224) and img.mode == "RGB"
+    assert len(os.listdir(os.path.join(demo, dd.FILES[name][1]))) == sum(
+        len(image_paths(demo, name, r)) for r in records)
+
+
+def test_pictures_show_the_stated_colour(demo):
+    """The dominant non-background colour of a picture is the one its caption names."""
+    for r in load(demo, "pretrain")[:40]:
+        (colour,) = set(dd.colours_in(r["conversations"][1]["value"]))
+        with Image.open(image_paths(demo, "pretrain", r)[0]) as img:
+            counts = sorted(img.getcolors(224 * 224), reverse=True)
+        shape_rgb = counts[1][1]  # the background fills most of the picture
+        assert all(abs(a - b) <= dd.COLOUR_JITTER for a, b in zip(shape_rgb, dd.COLOURS[colour]))
+
+
+def test_shapes_never_overlap_and_stay_inside():
+    rng = random.Random(0)
+    for _ in range(2000):
+        scene = dd.sample_scene(rng)
+        boxes = []
+        for cx, cy, size in scene["items"]:
+            pts = dd.shape_polygon(scene["shape"], cx, cy, size)
+            xs, ys = (pts[0::2], pts[1::2]) if scene["shape"] == "圆形" else zip(*pts)
+            boxes.append((min(xs), min(ys), max(xs), max(ys)))
+        for x0, y0, x1, y1 in boxes:
+            assert 0 <= x0 and 0 <= y0 and x1 < 224 and y1 < 224
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1], (scene, a, b)
+
+
+def test_heldout_pictures_never_appear_in_training(demo):
+    def digests(name):
+        folder = os.path.join(demo, dd.FILES[name][1])
+        out = set()
+        for fn in os.listdir(folder):
+            with Image.open(os.path.join(folder, fn)) as img:
+                out.add(hashlib.md5(img.tobytes()).hexdigest())
+        return out
+
+    train = set().union(*(digests(n) for n in TRAIN_SETS))
+    assert train and not digests("heldout") & train
+
+
+def test_attribute_coverage(demo):
+    colours, shapes, positions, counts = set(), set(), set(), set()
+    for name in TRAIN_SETS:
+        for r in load(demo, name):
+            for turn in r["conversations"][1::2]:
+                colours |= set(dd.colours_in(turn["value"]))
+                shapes |= set(dd.shapes_in(turn["value"]))
+                positions |= set(dd.positions_in(turn["value"]))
+                counts |= set(dd.counts_in(turn["value"]))
+    assert len(colours) >= 6 and colours == set(dd.COLOURS)
+    assert shapes == set(dd.SHAPES) and positions == set(dd.POSITIONS) and counts == {1, 2, 3}
+
+    heldout = load(demo, "heldout")
+    assert {r["qtype"] for r in heldout} == set(dd.HELDOUT_QTYPES)
+    assert {r["attrs"]["mtype"] for r in heldout if r["qtype"] == "multi"} == set(dd.MULTI_QUESTIONS)
+    singles = [r["attrs"] for r in heldout if r["qtype"] != "multi"]
+    assert {a["count"] for a in singles} == {1, 2, 3}
+    assert len({a["colour"] for a in singles}) >= 5 and {a["shape"] for a in singles} == set(dd.SHAPES)
+    # Comparison answers go both ways.
+    multi_answers = [t["value"] for r in load(demo, "sft_multi") for t in r["conversations"][1::2]]
+    assert any(a.startswith("一样") for a in multi_answers)
+    assert any(a.startswith("不一样") for a in multi_answers)
+    assert any(a.startswith("第一张") for a in multi_answers) and any(a.startswith("第二张") for a in multi_answers)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def rec(qtype, **attrs):
+    base = {"colour": "红色", "shape": "圆形", "count": 1, "position": "左上"}
+    return {"qtype": qtype, "attrs": {**base, **attrs}}
+
+
+def multi(mtype, a, b, target=None):
+    full = [{"colour": "红色", "shape": "圆形", "count": 1, "position": None, **x} for x in (a, b)]
+    attrs = {"mtype": mtype, "images": full}
+    if target is not None:
+        attrs["target"] = target
+    return {"qtype": "multi", "attrs": attrs}
+
+
+def test_score_accepts_every_reference_answer(demo):
+    for r in load(demo, "heldout"):
+        assert dd.score_answer(r, r["answer"]), r
+
+
+def test_score_rejects_a_wrong_colour_in_every_reference(demo):
+    for r in load(demo, "heldout"):
+        if r["qtype"] not in ("caption", "colour"):
+            continue
+        right = r["attrs"]["colour"]
+        wrong = next(c for c in dd.COLOURS if c != right)
+        assert not dd.score_answer(r, r["answer"].replace(right, wrong))
+        assert not dd.score_answer(r, r["answer"].replace(right, f"{right}和{wrong}"))
+
+
+@pytest.mark.parametrize("record, good, bad", [
+    (rec("colour"), ["红色。", "是红的", "红色"], ["蓝色。", "红色和蓝色。", "", "圆形。"]),
+    (rec("shape", shape="正方形"), ["正方形。", "方形", "是一个正方形"], ["圆形。", "三角形。", "圆形或正方形"]),
+    (rec("shape", shape="三角形"), ["三角形。"], ["正方形。"]),
+    (rec("position", position="中间"), ["中间。", "在图片中央"], ["左上角。", "右下", "中间偏左上"]),
+    (rec("count", count=3), ["三个。", "3个", "一共有三个形状"], ["两个。", "一个三角形", "2", "三四个"]),
+    (rec("count", count=1, shape="三角形"), ["一个。"], ["三个。"]),
+    (rec("caption", colour="紫色", shape="三角形", count=1, position="右下"),
+     ["图中有一个紫色的三角形，位于右下角。", "一个紫色三角形"],
+     ["图中有一个蓝色的三角形，位于右下角。", "图中有一个紫色的圆形，位于右下角。",
+      "图中有两个紫色的三角形。", "图中有一个紫色的三角形，位于左上角。", "紫色的三角形", "三角形。"]),
+    (rec("caption", colour="黄色", shape="正方形", count=2, position=None),
+     ["图中有两个黄色的正方形。"], ["图中有两个黄色的正方形，位于中间。", "图中有三个黄色的正方形。",
+                            "图中有两个黄色和绿色的正方形。"]),
+    (multi("which", {}, {"colour": "蓝色"}, target=1),
+     ["第二张图片。", "第2张"], ["第一张图片。", "两张都有。", "第一张和第二张", ""]),
+    (multi("same_shape", {"shape": "三角形"}, {"shape": "三角形"}),
+     ["一样，都是三角形。", "相同"], ["不一样，第一张是三角形，第二张是圆形。", "一样，都是圆形。", "三角形"]),
+    (multi("same_shape", {"shape": "圆形"}, {"shape": "正方形"}),
+     ["不一样，第一张是圆形，第二张是正方形。", "不一样。"],
+     ["一样，都是圆形。", "不一样，第一张是正方形，第二张是圆形。"]),
+    (multi("same_colour", {"colour": "红色"}, {"colour": "绿色"}),
+     ["不一样，第一张是红色，第二张是绿色。"], ["一样，都是红色。", "不一样，第一张是绿色，第二张是红色。"]),
+    (multi("same_count", {"count": 2}, {"count": 2}), ["一样，都有两个。"], ["不一样。", "一样，都有三个。"]),
+    (multi("same_count", {"count": 1}, {"count": 3}),
+     ["不一样，第一张有一个，第二张有三个。", "不一样，第1张有1个，第2张有3个"], ["一样，都有一个。", "不一样，第一张有三个，第二张有一个。"]),
+])
+def test_score_answer_cases(record, good, bad):
+    for text in good:
+        assert dd.score_answer(record, text), text
+    for text in bad:
+        assert not dd.score_answer(record, text), text
+
+
+# ----------------------------------------------------------------------------- demo CLIP
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return dd.make_demo_clip(str(tmp_path_factory.mktemp("clip") / "demo-clip"), seed=0, hidden_size=128)
+
+
+def test_demo_clip_loads_like_the_real_folder(clip_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    for fn in ("config.json", "preprocessor_config.json", "model.safetensors"):
+        assert os.path.isfile(os.path.join(clip_dir, fn))
+    with open(os.path.join(clip_dir, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "clip" and "text_config" in cfg
+    assert cfg["vision_config"]["patch_size"] == 32 and cfg["vision_config"]["image_size"] == 224
+
+    model = CLIPVisionModel.from_pretrained(clip_dir).eval()
+    proc = CLIPImageProcessor.from_pretrained(clip_dir)
+    # Every vision weight really comes from the file (nothing silently re-initialised).
+    saved = load_file(os.path.join(clip_dir, "model.safetensors"))
+    for key, value in model.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        name = key if key in saved else "vision_model." + key  # key layout differs across versions
+        assert torch.equal(value, saved[name]), key
+
+    scene = dd.sample_scene(random.Random(0), count=1)
+    x = proc(images=dd.render_scene(scene), return_tensors="pt")["pixel_values"]
+    assert tuple(x.shape) == (1, 3, 224, 224)
+    with torch.no_grad():
+        feats = model(pixel_values=x).last_hidden_state
+    assert tuple(feats.shape) == (1, 50, 128)
+    assert torch.isfinite(feats).all()
+
+
+def test_demo_clip_features_tell_pictures_apart(clip_dir):
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    model = CLIPVisionModel.from_pretrained(clip_dir).eval()
+    proc = CLIPImageProcessor.from_pretrained(clip_dir)
+
+    def features(scenes):
+        x = proc(images=[dd.render_scene(s) for s in scenes], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            return model(pixel_values=x).last_hidden_state
+
+    rng = random.Random(1)
+    spread = features([dd.sample_scene(rng) for _ in range(16)]).std(0).mean().item()
+    assert spread > 0.1, f"features barely change between pictures (std {spread:.3f})"
+
+    red = dd.sample_scene(random.Random(2), count=1, colour="红色", shape="圆形", position="中间")
+    variants = [red, dict(red, colour="蓝色", rgb=dd.COLOURS["蓝色"]),
+                dict(red, colour="橙色", rgb=dd.COLOURS["橙色"]), dict(red, shape="正方形")]
+    f = features(variants)
+    for other in f[1:]:
+        rel = ((f[0] - other).norm() / f[0].norm()).item()
+        assert rel > 0.05, rel
+        # The change sits on the patches the shape covers, and is large there.
+        per_token = (f[0] - other).norm(dim=-1) / f[0].norm(dim=-1)
+        assert per_token.max().item() > 0.3
+
+
+def test_demo_clip_is_seeded_and_reused(clip_dir, tmp_path):
+    from safetensors.torch import load_file
+    import torch
+
+    again = dd.make_demo_clip(str(tmp_path / "again"), seed=0, hidden_size=128)
+    other = dd.make_demo_clip(str(tmp_path / "other"), seed=1, hidden_size=128)
+    a, b, c = (load_file(os.path.join(p, "model.safetensors")) for p in (clip_dir, again, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["vision_model.embeddings.patch_embedding.weight"],
+                           c["vision_model.embeddings.patch_embedding.weight"])
+    weights = os.path.join(again, "model.safetensors")
+    os.utime(weights, (1, 1))
+    dd.make_demo_clip(again, seed=0, hidden_size=128)
+    assert os.path.getmtime(weights) == 1
+    dd.make_demo_clip(again, seed=0, hidden_size=128, force=True)
+    assert os.path.getmtime(weights) != 1
+    dd.make_demo_clip(again, seed=0, hidden_size=64)  # other settings: rebuilt, not reused
+    assert load_file(weights)["vision_model.post_layernorm.weight"].shape == (64,)

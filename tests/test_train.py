@@ -1,0 +1,253 @@
+"""The shared trainer: stages and output names, DDP parity, kill/resume, feature cache, bad data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, save_tiny_clip
+from trainer.trainer import ResumableBatchSampler, build_parser, lr_at, resolve, train
+
+COLOURS = {"红色": (220, 30, 30), "绿色": (30, 200, 30), "蓝色": (30, 30, 220), "黄色": (230, 220, 20)}
+
+
+def make_data(folder, n=32, multi=False, name="data.jsonl"):
+    """Records asking for the colour of plain pictures (equal lengths: handy for exact checks)."""
+    img_dir = folder / "imgs"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    records = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        Image.new("RGB", (224, 224), COLOURS[colour]).save(img_dir / f"{i}.png")
+        if multi:
+            other = names[(i + 1) % len(names)]
+            records.append({"id": i, "image": f"{i}.png, {(i + 1) % n}.png", "conversations": [
+                {"from": "human", "value": "<image>\n<image>\n两张图片的颜色？"},
+                {"from": "gpt", "value": f"{colour}和{other}。"}]})
+        else:
+            records.append({"id": i, "image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\n这是什么颜色？"},
+                {"from": "gpt", "value": f"这是{colour}。"}]})
+    path = folder / name
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    return str(path), str(img_dir)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return make_data(folder)
+
+
+def common(data, clip, out, *extra):
+    return ["--preset", "tiny", "--data_path", data[0], "--images_path", data[1], "--vision_model", clip,
+            "--out_dir", str(out), "--batch_size", "4", "--num_workers", "0", "--log_interval", "1",
+            "--no_progress", "--learning_rate", "3e-3", *extra]
+
+
+def run_stage(stage, argv):
+    return train(resolve(build_parser(stage).parse_args(argv), stage))
+
+
+def history(path):
+    with open(str(path) + ".history.json") as f:
+        return json.load(f)
+
+
+def losses(path):
+    return [h["loss"] for h in history(path) if "loss" in h]
+
+
+# ------------------------------------------------------------------------------ pure functions
+def test_lr_schedule_warmup_then_cosine_to_a_tenth():
+    lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.1)
+
+
+def test_sampler_shards_global_batches_and_resumes():
+    single = ResumableBatchSampler(40, 8, seed=3)
+    single.set_epoch(1)
+    ranks = []
+    for r in range(2):
+        s = ResumableBatchSampler(40, 4, rank=r, world=2, seed=3)
+        s.set_epoch(1)
+        ranks.append(list(s))
+    assert [a + b for a, b in zip(*ranks)] == list(single)       # rank slices make the global batch
+    single.set_epoch(2)
+    other_epoch = list(single)
+    single.set_epoch(1, start_batch=2)
+    assert list(single) == [a + b for a, b in zip(*ranks)][2:]  # resume skips exactly
+    assert other_epoch != [a + b for a, b in zip(*ranks)]       # shuffled anew every epoch
+    grouped = ResumableBatchSampler(40, 4, seed=0, lengths=list(range(40)))
+    spread = [max(b) - min(b) for b in grouped]
+    assert max(spread) <= 10                                    # similar lengths share a batch
+
+
+def test_bool_flags_are_real_flags():
+    parser = build_parser("sft")
+    assert parser.parse_args(["--multi"]).multi and not parser.parse_args([]).multi
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--multi", "False"])    # the v1 trap (type=bool) cannot happen
+
+
+# ------------------------------------------------------------------------------ whole stages
+def test_three_stages_chain_with_original_names(tmp_path, data, tiny_clip_dir):
+    out = tmp_path / "out"
+    assert run_stage("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--epochs", "3")) == 0
+    assert (out / "64_vlm_pretrain.pth").exists() and (out / "64_vlm_pretrain_loss.png").exists()
+    pre = losses(out / "64_vlm_pretrain.pth")
+    assert pre[-1] < pre[0] - 1.0                     # it learns
+    assert run_stage("sft", common(data, tiny_clip_dir, out, "--epochs", "1")) == 0
+    assert (out / "64_vlm_sft.pth").exists()
+    assert losses(out / "64_vlm_sft.pth")[0] < pre[0]  # started from the pretrain weights
+    multi = make_data(tmp_path / "multi", n=16, multi=True)
+    assert run_stage("sft", common(multi, tiny_clip_dir, out, "--epochs", "1", "--multi")) == 0
+    assert (out / "64_vlm_sft_multi.pth").exists()
+
+
+def test_freeze_llm_trains_projector_only(tmp_path, data, tiny_clip_dir):
+    out = tmp_path / "out"
+    run_stage("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "1",
+                                 "--save_weight", str(out / "start.pth")))
+    run_stage("pretrain", common(data, tiny_clip_dir, out, "--init_weight", str(out / "start.pth"),
+                                 "--max_steps", "2"))       # pretrain from weights: LLM frozen
+    before, after = torch.load(out / "start.pth"), torch.load(out / "64_vlm_pretrain.pth")
+    assert torch.equal(before["layers.0.attention.wq.weight"], after["layers.0.attention.wq.weight"])
+    assert not torch.equal(before["vision_proj.vision_proj.0.weight"], after["vision_proj.vision_proj.0.weight"])
+
+
+def test_missing_start_weights_is_one_line(tmp_path, data, tiny_clip_dir):
+    with pytest.raises(SystemExit, match="64_vlm_pretrain.pth not found.*previous stage"):
+        run_stage("sft", common(data, tiny_clip_dir, tmp_path))
+    with pytest.raises(SystemExit, match="full_sft"):
+        run_stage("pretrain", common(data, tiny_clip_dir, tmp_path))
+
+
+def test_accumulation_equals_bigger_batch(tmp_path, data, tiny_clip_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_stage("pretrain", common(data, tiny_clip_dir, a, "--from_scratch", "--max_steps", "3",
+                                 "--batch_size", "8"))
+    run_stage("pretrain", common(data, tiny_clip_dir, b, "--from_scratch", "--max_steps", "3",
+                                 "--batch_size", "4", "--accumulation_steps", "2"))
+    # Same samples in the step, so the same loss and the same gradient (an undivided sum of
+    # micro-batch losses would double its norm). Later steps are not compared: Adam turns
+    # round-off in near-zero gradients into full-size updates of either sign.
+    ha, hb = history(a / "64_vlm_pretrain.pth")[0], history(b / "64_vlm_pretrain.pth")[0]
+    assert hb["loss"] == pytest.approx(ha["loss"], rel=1e-5)
+    assert hb["grad_norm"] == pytest.approx(ha["grad_norm"], rel=1e-4)
+
+
+def test_validation_loss_and_bad_records_are_counted(tmp_path, data, tiny_clip_dir, caplog):
+    folder = tmp_path / "bad"
+    path, imgs = make_data(folder, n=12)
+    (folder / "imgs" / "3.png").write_bytes(b"not a png at all")          # corrupt picture
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n{broken json\n")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        run_stage("pretrain", common((path, imgs), tiny_clip_dir, out, "--from_scratch", "--epochs", "1",
+                                     "--val_data", data[0], "--val_images_path", data[1], "--val_interval", "1"))
+    assert "3.png" in caplog.text and "line 13" in caplog.text
+    h = history(out / "64_vlm_pretrain.pth")
+    assert any("val_loss" in x and x["val_loss"] > 0 for x in h)
+    with pytest.raises(ValueError, match="line 13"):   # main() turns it into one line
+        run_stage("pretrain", common((path, imgs), tiny_clip_dir, out, "--from_scratch", "--strict"))
+
+
+def test_check_data_reports_without_training(tmp_path, tiny_clip_dir, capsys, caplog):
+    folder = tmp_path / "bad"
+    path, imgs = make_data(folder, n=6)
+    (folder / "imgs" / "2.png").write_bytes(b"")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert run_stage("pretrain", common((path, imgs), tiny_clip_dir, out, "--check_data")) == 1
+    assert "2.png" in caplog.text and "1 problem" in capsys.readouterr().out
+    assert not out.exists() or not list(out.glob("*.pth"))
+
+
+# ------------------------------------------------------------------------------ feature cache
+def test_cached_features_match_live_and_invalidate(tmp_path, tiny_clip_dir):
+    folder = tmp_path / "d"
+    data = make_data(folder, n=16)
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    run_stage("pretrain", common(data, tiny_clip_dir, live, "--from_scratch", "--max_steps", "6"))
+    run_stage("pretrain", common(data, tiny_clip_dir, cached, "--from_scratch", "--max_steps", "6",
+                                 "--cache_features"))
+    assert losses(cached / "64_vlm_pretrain.pth") == pytest.approx(losses(live / "64_vlm_pretrain.pth"), abs=2e-3)
+    cache_root = cached / "feature_cache"
+    (fingerprint,) = os.listdir(cache_root)
+    index = json.loads((cache_root / fingerprint / "index.json").read_text())
+    assert len(index) == 16                                 # one entry per picture
+    # A changed picture gets a new entry; the others are reused.
+    time.sleep(0.01)
+    Image.new("RGB", (224, 224), (0, 0, 0)).save(folder / "imgs" / "0.png")
+    run_stage("pretrain", common(data, tiny_clip_dir, cached, "--from_scratch", "--max_steps", "1",
+                                 "--cache_features"))
+    assert len(json.loads((cache_root / fingerprint / "index.json").read_text())) == 17
+    # Another vision model gets another cache folder.
+    other = save_tiny_clip(tmp_path / "other-clip", seed=1)
+    run_stage("pretrain", common(data, other, cached, "--from_scratch", "--max_steps", "1", "--cache_features"))
+    assert len(os.listdir(cache_root)) == 2
+
+
+# ------------------------------------------------------------------------------ processes
+def script_cmd(data, clip, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "1-pretrain_vlm.py"),
+            *common(data, clip, out, "--from_scratch", *extra)]
+
+
+def test_ddp_two_processes_match_one(tmp_path, data, tiny_clip_dir):
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(script_cmd(data, tiny_clip_dir, one, "--max_steps", "4", "--batch_size", "8"),
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    cmd = script_cmd(data, tiny_clip_dir, two, "--max_steps", "4")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(torchrun + cmd[1:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(one / "64_vlm_pretrain.pth"), losses(two / "64_vlm_pretrain.pth")
+    assert len(a) == len(b) == 4
+    assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_killed_run_resumes_exactly(tmp_path, data, tiny_clip_dir):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = ("--epochs", "4", "--save_interval", "3")
+    subprocess.run(script_cmd(data, tiny_clip_dir, full, *args), check=True, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen(script_cmd(data, tiny_clip_dir, killed, *args), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume = killed / "64_vlm_pretrain.pth.resume"
+    deadline = time.time() + 120
+    while not resume.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(resume, weights_only=False)
+    assert 0 < state["step"] < 32, "the run must be killed mid-way"
+    subprocess.run(script_cmd(data, tiny_clip_dir, killed, *args, "--resume"), check=True, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    a, b = history(full / "64_vlm_pretrain.pth"), history(killed / "64_vlm_pretrain.pth")
+    assert [h["step"] for h in a] == [h["step"] for h in b]
+    assert [h["loss"] for h in b] == pytest.approx([h["loss"] for h in a], rel=1e-5)
+    wa, wb = torch.load(full / "64_vlm_pretrain.pth"), torch.load(killed / "64_vlm_pretrain.pth")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
+
+
+def test_wandb_offline_run_directory(tmp_path, data, tiny_clip_dir):
+    out = tmp_path / "out"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(script_cmd(data, tiny_clip_dir, out, "--max_steps", "2", "--use_wandb"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
