@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 # Bump when the generated data changes, so stale output on disk is regenerated.
-VERSION = 1
+VERSION = 2
 IMAGE_SIZE = 224
 
 # Well-separated hues; each channel is jittered by at most COLOUR_JITTER, which keeps them apart.
@@ -79,7 +79,8 @@ MULTI_QUESTIONS = {
 }
 SINGLE_QTYPES = list(QUESTIONS)
 HELDOUT_QTYPES = SINGLE_QTYPES + ["multi"]
-MULTI_PREFIX = "第一张图片：<image>\n第二张图片：<image>\n"
+# One mark per picture before the question: the layout 3-eval_chat.py uses for several pictures.
+MULTI_PREFIX = "<image>\n<image>\n"
 ORDINALS = ["第一张", "第二张"]
 
 FILES = {  # set name -> (jsonl, image folder), the original MiniMind-V layout
@@ -261,24 +262,32 @@ def _gen_pretrain(seed, n):
     return records, jobs
 
 
+def _sft_record(rng, name):
+    """A single-picture conversation of 1-3 questions; returns (record, (file name, scene))."""
+    # The first question type is uniform, so every type is well represented.
+    qtype = rng.choice(SINGLE_QTYPES)
+    scene = sample_scene(rng, count=1 if qtype == "position" else rng.choice([1, 2, 3]))
+    a = attrs_of(scene)
+    allowed = [t for t in SINGLE_QTYPES if t != "position" or a["count"] == 1]
+    qtypes = [qtype] + rng.sample([t for t in allowed if t != qtype], rng.randint(0, 2))
+    turns = []
+    for k, t in enumerate(qtypes):  # 1-3 turns; the picture is marked in the first one only
+        turns += conv(rng.choice(QUESTIONS[t]), answer(t, a), "<image>\n" if k == 0 else "")
+    return {"id": name, "image": f"{name}.png", "conversations": turns}, (f"{name}.png", scene)
+
+
 def _gen_sft(seed, n):
     rng, records, jobs = _stream(seed, "sft"), [], []
     for i in range(n):
-        # The first question type is uniform, so every type is well represented.
-        qtype = rng.choice(SINGLE_QTYPES)
-        scene = sample_scene(rng, count=1 if qtype == "position" else rng.choice([1, 2, 3]))
-        a = attrs_of(scene)
-        jobs.append((f"sft_{i:06d}.png", scene))
-        allowed = [t for t in SINGLE_QTYPES if t != "position" or a["count"] == 1]
-        qtypes = [qtype] + rng.sample([t for t in allowed if t != qtype], rng.randint(0, 2))
-        turns = []
-        for k, t in enumerate(qtypes):  # 1-3 turns; the picture is marked in the first one only
-            turns += conv(rng.choice(QUESTIONS[t]), answer(t, a), "<image>\n" if k == 0 else "")
-        records.append({"id": f"sft_{i:06d}", "image": jobs[-1][0], "conversations": turns})
+        record, job = _sft_record(rng, f"sft_{i:06d}")
+        records.append(record)
+        jobs.append(job)
     return records, jobs
 
 
-def _gen_multi(seed, n):
+def _gen_multi(seed, n, n_rehearsal=0):
+    """Two-picture conversations, plus `n_rehearsal` single-picture ones mixed in so that the
+    last stage does not forget what SFT taught (rehearsal); the original data has none."""
     rng, records, jobs = _stream(seed, "sft_multi"), [], []
     for i in range(n):
         a_scene, b_scene = sample_pair(rng)
@@ -290,6 +299,11 @@ def _gen_multi(seed, n):
             q, ans, _ = multi_qa(rng, mtype, a, b)
             turns += conv(q, ans, MULTI_PREFIX if k == 0 else "")
         records.append({"id": f"multi_{i:06d}", "image": ", ".join(names), "conversations": turns})
+    for i in range(n_rehearsal):
+        record, job = _sft_record(rng, f"multi_single_{i:06d}")
+        records.append(record)
+        jobs.append(job)
+    rng.shuffle(records)
     return records, jobs
 
 
@@ -343,13 +357,13 @@ def _write_jsonl(path, records):
 
 
 def generate_demo_data(out_dir="dataset/demo", seed=0, n_pretrain=4000, n_sft=4000, n_multi=1000,
-                       n_heldout=300, force=False):
+                       n_heldout=300, n_rehearsal=0, force=False):
     """Write the four demo sets into `out_dir`; reuse complete output with the same settings.
 
     Returns the manifest (seed, counts, version and the file names of each set).
     """
     manifest = {"version": VERSION, "seed": seed, "n_pretrain": n_pretrain, "n_sft": n_sft,
-                "n_multi": n_multi, "n_heldout": n_heldout,
+                "n_multi": n_multi, "n_heldout": n_heldout, "n_rehearsal": n_rehearsal,
                 "files": {k: {"data": d, "images": i} for k, (d, i) in FILES.items()}}
     manifest_path = os.path.join(out_dir, MANIFEST)
     if not force and os.path.isfile(manifest_path):
@@ -368,7 +382,7 @@ def generate_demo_data(out_dir="dataset/demo", seed=0, n_pretrain=4000, n_sft=40
 
     sets, seen = {}, set()
     for name, gen, n in (("pretrain", _gen_pretrain, n_pretrain), ("sft", _gen_sft, n_sft),
-                         ("sft_multi", _gen_multi, n_multi)):
+                         ("sft_multi", lambda s, n: _gen_multi(s, n, n_rehearsal), n_multi)):
         sets[name], jobs = gen(seed, n)
         seen |= _save_all(os.path.join(out_dir, FILES[name][1]), jobs)
     sets["heldout"] = _gen_heldout(os.path.join(out_dir, FILES["heldout"][1]), seed, n_heldout, seen)

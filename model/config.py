@@ -13,12 +13,14 @@ IMAGE_PLACEHOLDER_IDS = [30] * 25 + [32] * 25
 # What users and datasets write in a prompt to say "a picture goes here".
 IMAGE_MARK = "<image>"
 
-# The two published sizes, plus a tiny one for the offline demo. MoE is an orthogonal switch.
+# The two published sizes, plus small ones for the offline demo and smoke tests. MoE is an
+# orthogonal switch. All keep MiniMind's 16 query / 8 key-value heads: weight files hold no config
+# and the head split cannot be read off the weight shapes, so loaders assume these counts.
 PRESETS = {
     "512": dict(dim=512, n_layers=8),     # ~27M parameters, the flagship
     "768": dict(dim=768, n_layers=16),    # ~109M parameters
-    "demo": dict(dim=256, n_layers=4, max_seq_len=512),  # trains in minutes on a CPU
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512),  # smoke tests
+    "demo": dict(dim=128, n_layers=4, max_seq_len=512),  # trains in minutes on a CPU
+    "tiny": dict(dim=64, n_layers=2, max_seq_len=512),   # smoke tests
 }
 
 

@@ -10,6 +10,7 @@ Problems a user can fix (a missing file, a picture that is not one) raise `UserE
 message is one line that names the path and what to do: front ends show it without a traceback.
 """
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -34,10 +35,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 # The exported transformers model keeps our VLM as its `.model` attribute (modeling_minimind_v.py).
 EXPORT_PREFIX = "model."
 WEIGHTS_HINT = ("train them (1-pretrain_vlm.py, then 2-sft_vlm.py), put the published weights "
-                "there, or run `python demo.py` for a small demo model")
-
-
+                "there, or run `python demo.py` for a small demo model (written to out/demo/)")
 _VISION_LOCK = threading.Lock()
+log = logging.getLogger("minimind_v")
 
 
 class UserError(Exception):
@@ -50,7 +50,7 @@ class ImageError(UserError):
 
 @dataclass
 class Sampling:
-    """Decoding settings; the defaults are those of the original eval script."""
+    """Decoding settings (temperature and top-p as in the original eval script)."""
     temperature: float = 0.65
     top_k: int = 0              # 0: off
     top_p: float = 0.85
@@ -85,14 +85,22 @@ def resolve_weights(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = "512")
 
 
 def find_checkpoints(out_dir: str = DEFAULT_OUT_DIR) -> List[str]:
-    """VLM weight files (`*_vlm_*.pth`) and exported folders in `out_dir`, SFT ones first."""
-    if not os.path.isdir(out_dir):
-        return []
+    """VLM weight files (`*_vlm_*.pth`) and exported folders in `out_dir` and its subfolders
+    (the demo writes to out/demo/), SFT ones first."""
     found = []
-    for name in sorted(os.listdir(out_dir)):
-        path = os.path.join(out_dir, name)
-        if (name.endswith(".pth") and "_vlm_" in name and os.path.isfile(path)) or is_export_dir(path):
-            found.append(path)
+
+    def scan(folder, depth):
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.endswith(".pth") and "_vlm_" in name and os.path.isfile(path):
+                found.append(path)
+            elif is_export_dir(path):
+                found.append(path)
+            elif depth == 0 and os.path.isdir(path):
+                scan(path, 1)
+
+    if os.path.isdir(out_dir):
+        scan(out_dir, 0)
     return sorted(found, key=lambda p: "_vlm_sft" not in os.path.basename(p))   # stable sort
 
 
@@ -113,12 +121,14 @@ def read_export(folder: str):
 
 def clip_width(folder: str) -> Optional[int]:
     """Hidden size of the CLIP vision tower saved in `folder`, or None if there is none."""
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
+    from transformers import CLIPVisionConfig
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    try:   # reads a full CLIP's vision_config as well as a vision-only config
+        return CLIPVisionConfig.from_pretrained(folder, local_files_only=True).hidden_size
     except (OSError, ValueError):
         return None
-    return cfg.get("vision_config", cfg).get("hidden_size")
 
 
 def choose_vision_model(width: int, recorded: Optional[str] = None) -> str:
@@ -150,10 +160,12 @@ def load_model(weights: str, vision_model_path: Optional[str] = None, device: st
     except (FileNotFoundError, CheckpointError, ValueError, OSError) as e:
         raise UserError(str(e).splitlines()[0]) from None
     if kind == "llm":
-        import warnings
-        warnings.warn(f"{weights} holds no vision projector (LLM-only weights): pictures pass "
-                      f"through an untrained projector")
-    return model.to(device).eval()
+        log.warning("%s holds no vision projector (LLM-only weights): pictures go through an "
+                    "untrained projector", weights)
+    try:
+        return model.to(device).eval()
+    except (RuntimeError, AssertionError) as e:   # e.g. cuda asked for on a CPU-only torch
+        raise UserError(f"cannot use device {device!r}: {str(e).splitlines()[0]}") from None
 
 
 def count_parameters(model) -> int:
@@ -167,6 +179,8 @@ def load_image(source, name: Optional[str] = None) -> Image.Image:
     from .vision import to_rgb
 
     name = name or getattr(source, "name", None) or str(source)
+    if hasattr(source, "seek"):
+        source.seek(0)   # a file object may have been read already
     try:
         with Image.open(source) as image:
             image.load()   # decode now: a truncated file fails here, not inside the model

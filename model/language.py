@@ -20,12 +20,18 @@ from .config import VLMConfig
 KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
+IGNORE_INDEX = -100   # label of positions without a target (HF / torch convention)
+
+
 @dataclass
 class LMOutput:
+    # [B, T, vocab]; with labels, only the rows of the positions that have a target [N, vocab]
     logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None       # language-model loss (+ MoE aux loss) when labels are given
+    loss: Optional[torch.Tensor] = None       # mean token cross entropy + MoE aux loss (labels given)
     aux_loss: Optional[torch.Tensor] = None   # MoE load-balancing loss (0 for dense models)
     past_key_values: Optional[KVCache] = None
+    ce_sum: Optional[torch.Tensor] = None     # summed cross entropy and the number of target
+    n_tokens: Optional[torch.Tensor] = None   # tokens (labels given): for exact global means
 
 
 class RMSNorm(nn.Module):
@@ -244,18 +250,25 @@ class MiniMindLM(nn.Module):
             h, present, layer_aux = layer(h, cos, sin, mask, past_key_values[i] if past_key_values else None)
             presents.append(present)
             aux = aux + layer_aux
-        if logits_to_keep:   # generation only needs the last position: skip the big vocab matmul
-            h = h[:, -logits_to_keep:]
-        logits = self.output(self.norm(h))
-        loss = None
+        h = self.norm(h)
         if labels is not None:
             if logits_to_keep:
-                raise ValueError("labels need the logits of every position (logits_to_keep=0)")
-            # labels are aligned with input_ids (HF convention); predict token t+1 from t.
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100) + aux
-        return LMOutput(logits=logits, loss=loss, aux_loss=aux,
-                        past_key_values=presents if use_cache else None)
+                raise ValueError("labels and logits_to_keep do not go together")
+            # labels are aligned with input_ids (HF convention): position t predicts label t+1.
+            # Only positions that have a target go through the vocabulary projection: in a VLM
+            # sample most positions are prompt and image tokens, and that matmul is the
+            # biggest one of a small model.
+            targets = labels[:, 1:]
+            has_target = targets != IGNORE_INDEX
+            logits = self.output(h[:, :-1][has_target])
+            ce_sum = F.cross_entropy(logits.float(), targets[has_target], reduction="sum")
+            n_tokens = has_target.sum()
+            return LMOutput(logits=logits, loss=ce_sum / n_tokens.clamp(min=1) + aux, aux_loss=aux,
+                            ce_sum=ce_sum, n_tokens=n_tokens)
+        if logits_to_keep:   # generation only needs the last position
+            h = h[:, -logits_to_keep:]
+        logits = self.output(h)
+        return LMOutput(logits=logits, aux_loss=aux, past_key_values=presents if use_cache else None)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,

@@ -328,3 +328,14 @@ def test_demo_clip_is_seeded_and_reused(clip_dir, tmp_path):
     assert os.path.getmtime(weights) != 1
     dd.make_demo_clip(again, seed=0, hidden_size=64)  # other settings: rebuilt, not reused
     assert load_file(weights)["vision_model.post_layernorm.weight"].shape == (64,)
+
+
+def test_rehearsal_mixes_single_picture_records_into_the_multi_set(tmp_path):
+    out = tmp_path / "demo"
+    dd.generate_demo_data(str(out), seed=0, n_pretrain=2, n_sft=2, n_multi=4, n_heldout=6, n_rehearsal=3)
+    records = load(str(out), "sft_multi")
+    singles = [r for r in records if "," not in r["image"]]
+    assert len(records) == 7 and len(singles) == 3
+    for r in singles:
+        assert r["conversations"][0]["value"].startswith("<image>\n")
+        assert os.path.exists(os.path.join(str(out), dd.FILES["sft_multi"][1], r["image"]))

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dataset.vlm_dataset import IGNORE_INDEX, VLMDataset, make_collate
 from model.checkpoint import atomic_save, load_weights, model_state_dict, read_state_dict
@@ -334,10 +333,8 @@ class Run:
             labels = torch.full_like(ids, IGNORE_INDEX)
             vision = {}
         with self.amp:
-            out = model(ids, **vision)
-        ce_sum = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        return ce_sum, out.aux_loss
+            out = model(ids, labels=labels, **vision)
+        return out.ce_sum, out.aux_loss
 
     # ---- validation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -474,7 +471,7 @@ def train(args):
     from tqdm import tqdm
 
     model.train()
-    t_start, tokens_seen, done = time.time(), 0, step >= total_steps
+    t_start, done = time.time(), step >= total_steps
     for epoch in range(start_epoch, a.epochs):
         if done:
             break
@@ -483,7 +480,7 @@ def train(args):
         skipped_epoch = 0
         bar = tqdm(total=len(sampler), initial=consumed, desc=f"{a.stage} epoch {epoch + 1}/{a.epochs}",
                    disable=not run.master or a.no_progress, dynamic_ncols=True, unit="batch")
-        window_loss, window_tok = torch.zeros((), device=run.device), 0.0
+        window_loss, window_tok, window_t0, window_tokens = torch.zeros((), device=run.device), 0.0, time.time(), 0
         for group in step_groups(loader, a.accumulation_steps):
             for ref, reason in (s for batch in group for s in batch["skipped"]):
                 ds.report(ref, reason)
@@ -500,7 +497,7 @@ def train(args):
                     loss = ce_sum * run.world / n_tok + aux / len(group)
                     run.scaler.scale(loss).backward()
                 window_loss += ce_sum.detach()      # summed on the device: no sync per micro-step
-                tokens_seen += int(batch["attention_mask"].sum()) * run.world
+                window_tokens += int(batch["attention_mask"].sum()) * run.world
             window_tok += float(n_tok)
             consumed += len(group)
             bar.update(len(group))
@@ -517,7 +514,7 @@ def train(args):
             last = step >= total_steps
             if step % a.log_interval == 0 or last:
                 mean_loss = float(all_reduce_sum(window_loss) / window_tok)
-                tok_s = tokens_seen / max(time.time() - t_start, 1e-9)
+                tok_s = window_tokens / max(time.time() - window_t0, 1e-9)   # recent speed, all ranks
                 history.append({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr,
                                 "grad_norm": float(grad_norm), "tokens_per_s": tok_s})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
@@ -526,7 +523,7 @@ def train(args):
                 if wandb:
                     wandb.log({"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
                                "tokens_per_s": tok_s, "epoch": epoch + 1}, step=step)
-                window_loss, window_tok = torch.zeros((), device=run.device), 0.0
+                window_loss, window_tok, window_t0, window_tokens = torch.zeros((), device=run.device), 0.0, time.time(), 0
             if val_loader is not None and (step % a.val_interval == 0 or last):
                 val_loss = run.validate(val_loader)
                 history.append({"step": step, "val_loss": val_loss})

@@ -1,0 +1,30 @@
+"""End to end: the reduced demo generates data, runs the three real training scripts, and the
+final model answers held-out questions far better than chance."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+from model.config import VLMConfig
+
+
+def test_quick_demo_learns(tmp_path):
+    out, data = tmp_path / "out", tmp_path / "data"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--quick", "--no_progress",
+                           "--out_dir", str(out), "--data_dir", str(data)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    tag = VLMConfig.from_preset("demo").tag
+    for name in (f"{tag}_vlm_pretrain.pth", f"{tag}_vlm_sft.pth", f"{tag}_vlm_sft_multi.pth", "report.md",
+                 "heldout_grid.png", f"{tag}_vlm_sft_loss.png"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    acc, chance = report["accuracy"], report["chance"]
+    # Far above chance on every single-picture question, and the pretrain model's captions work.
+    for qtype in ("colour", "position", "count"):
+        assert acc[qtype] >= min(0.9, 2.5 * chance[qtype]), (qtype, acc)
+    assert acc["shape"] > 1.5 * chance["shape"], acc
+    assert acc["multi"] > 0.6, acc
+    assert report["pretrain_caption_accuracy"] > 5 * chance["caption"], report
+    assert "| colour |" in (out / "report.md").read_text(encoding="utf-8")

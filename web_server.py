@@ -1,0 +1,121 @@
+"""MiniMind-V in the browser: upload pictures and chat about them.
+
+    streamlit run web_server.py
+
+Environment variables (all optional): MINIMIND_OUT_DIR (where weights and exported folders
+are looked for, default out/), MINIMIND_VISION_MODEL (CLIP folder; default: chosen from the
+weights), MINIMIND_EVAL_IMAGES (sample pictures), MINIMIND_DEVICE (default cuda if available).
+"""
+import hashlib
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+import streamlit as st  # noqa: E402
+import torch  # noqa: E402
+
+from model.inference import (  # noqa: E402
+    DEFAULT_QUESTION, EVAL_IMAGES, WEIGHTS_HINT, ImageError, Sampling, UserError, count_parameters,
+    find_checkpoints, list_images, load_image, load_model, stream_answer)
+
+OUT_DIR = os.environ.get("MINIMIND_OUT_DIR", os.path.join(ROOT, "out"))
+VISION_MODEL = os.environ.get("MINIMIND_VISION_MODEL") or None
+SAMPLES_DIR = os.environ.get("MINIMIND_EVAL_IMAGES", EVAL_IMAGES)
+DEVICE = os.environ.get("MINIMIND_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@st.cache_resource(show_spinner="Loading the model…")
+def get_model(weights: str, vision_model: str, device: str):
+    # Once per process and checkpoint; sessions share it (generation keeps no state on the model).
+    return load_model(weights, vision_model, device)
+
+
+@st.cache_resource
+def get_tokenizer():
+    from model.prompt import load_tokenizer
+
+    return load_tokenizer()
+
+
+def sidebar():
+    """Checkpoint choice and decoding settings -> (weights path, Sampling)."""
+    st.sidebar.header("Model")
+    checkpoints = find_checkpoints(OUT_DIR)
+    if not checkpoints:
+        st.warning(f"No MiniMind-V weights in `{OUT_DIR}`: {WEIGHTS_HINT}. "
+                   f"(`MINIMIND_OUT_DIR` points the app at another folder.)")
+        st.stop()
+    weights = st.sidebar.selectbox("Weights", checkpoints, format_func=lambda p: os.path.relpath(p, OUT_DIR))
+    d = Sampling()
+    st.sidebar.header("Sampling")
+    sampling = Sampling(
+        temperature=st.sidebar.slider("Temperature (0 = greedy)", 0.0, 1.5, d.temperature, 0.05,
+                                      key="temperature"),
+        top_k=st.sidebar.number_input("Top-k (0 = off)", 0, 6400, d.top_k, key="top_k"),
+        top_p=st.sidebar.slider("Top-p", 0.05, 1.0, d.top_p, 0.05, key="top_p"),
+        repetition_penalty=d.repetition_penalty,
+        max_new_tokens=st.sidebar.slider("Max new tokens", 16, 2048, d.max_new_tokens, 16,
+                                         key="max_new_tokens"))
+    if st.sidebar.button("New chat"):
+        st.session_state.history = []
+    return weights, sampling
+
+
+def pictures():
+    """Uploaded and sample pictures as [(name, image)]; a file that is not a picture gets an
+    error message and is left out."""
+    uploads = st.file_uploader("Pictures", accept_multiple_files=True,
+                               type=["png", "jpg", "jpeg", "webp", "bmp", "gif"])
+    samples = {}
+    if os.path.isdir(SAMPLES_DIR):
+        samples = {os.path.basename(p): p for p in list_images([SAMPLES_DIR])}
+    chosen = st.multiselect("…or sample pictures", list(samples))
+    found = []
+    for name, source in [(f.name, f) for f in uploads or []] + [(n, samples[n]) for n in chosen]:
+        try:
+            found.append((name, load_image(source, name=name)))
+        except ImageError as e:
+            st.error(str(e))
+    return found
+
+
+def main():
+    st.set_page_config(page_title="MiniMind-V", page_icon="🖼️")
+    st.title("MiniMind-V")
+    st.caption("A tiny vision-language model: ask it about your pictures.")
+    weights, sampling = sidebar()
+    try:
+        model = get_model(weights, VISION_MODEL, DEVICE)
+    except UserError as e:
+        st.error(str(e))
+        st.stop()
+    st.sidebar.caption(f"{count_parameters(model) / 1e6:.1f}M parameters (+ frozen CLIP) · {DEVICE}")
+
+    shown = pictures()
+    if shown:
+        st.image([im for _, im in shown], caption=[n for n, _ in shown], width=160)
+    # A new set of pictures starts a new conversation: the history is about the old ones.
+    key = hashlib.sha1(repr([(n, im.resize((8, 8)).tobytes()) for n, im in shown]).encode()).hexdigest()
+    if st.session_state.get("pictures_key") != key:
+        st.session_state.pictures_key = key
+        st.session_state.history = []
+    history = st.session_state.setdefault("history", [])
+
+    for message in history:
+        st.chat_message(message["role"]).markdown(message["content"])
+    question = st.chat_input(f"Ask about the picture, e.g. {DEFAULT_QUESTION}")
+    if question:
+        st.chat_message("user").markdown(question)
+        with st.chat_message("assistant"):
+            try:
+                reply = st.write_stream(stream_answer(model, get_tokenizer(), [im for _, im in shown],
+                                                      question, history, sampling))
+            except UserError as e:
+                st.error(str(e))
+                return
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
+
+main()
