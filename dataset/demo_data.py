@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 # Bump when the generated data changes, so stale output on disk is regenerated.
-VERSION = 2
+VERSION = 3
 IMAGE_SIZE = 224
 
 # Well-separated hues; each channel is jittered by at most COLOUR_JITTER, which keeps them apart.
@@ -122,12 +122,14 @@ def sample_scene(rng, count=None, colour=None, shape=None, position=None):
 
 
 def shape_polygon(shape, cx, cy, size):
-    """Corner points (or bounding box for circles). Sizes roughly equalise the areas."""
+    """Corner points (or bounding box for circles) of a shape of nominal size `size`."""
     if shape == "圆形":
         r = size / 2
         return [cx - r, cy - r, cx + r, cy + r]
     if shape == "正方形":
-        h = size * 0.886 / 2  # same area as the circle
+        # The full box (not the circle's area): the filled corners are what tells a square from
+        # a circle when the encoder sees 32-px patches, so they should not be shaved off.
+        h = size / 2
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
     if shape == "三角形":
         side = size * 1.1  # a bit larger: a triangle fills less of its box

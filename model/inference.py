@@ -12,7 +12,6 @@ message is one line that names the path and what to do: front ends show it witho
 import json
 import logging
 import os
-import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -36,7 +35,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 EXPORT_PREFIX = "model."
 WEIGHTS_HINT = ("train them (1-pretrain_vlm.py, then 2-sft_vlm.py), put the published weights "
                 "there, or run `python demo.py` for a small demo model (written to out/demo/)")
-_VISION_LOCK = threading.Lock()
 log = logging.getLogger("minimind_v")
 
 
@@ -252,10 +250,7 @@ def stream_answer(model, tokenizer, images: Sequence[Image.Image], question: str
     ids = build_prompt_ids(tokenizer, question, len(images), history, model.config.image_ids, budget)
     vision = {}
     if images:
-        # One encode at a time: the encoder hands its features over through module state, and
-        # the web server shares one model between sessions.
-        with _VISION_LOCK:
-            vision["image_features"] = model.vision_encoder(model.vision_encoder.preprocess(list(images)))
+        vision["image_features"] = model.vision_encoder(model.vision_encoder.preprocess(list(images)))
     steps = model.generate(torch.tensor([ids], device=device), max_new_tokens=sampling.max_new_tokens,
                            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                            repetition_penalty=sampling.repetition_penalty,

@@ -6,6 +6,7 @@ captured with a forward hook, so any layer can be chosen without changing CLIP's
 """
 import contextlib
 import os
+import threading
 from typing import List, Sequence
 
 import torch
@@ -66,7 +67,9 @@ class VisionEncoder(nn.Module):
         # transformers 4.x nests the tower under `.vision_model`; 5.x does not.
         tower = getattr(self.clip, "vision_model", self.clip)
         self.layer_index = layer
-        self._captured = None
+        # Thread-local: the hook hands the features to the forward call of the same thread,
+        # so a web server may encode for several sessions at once.
+        self._local = threading.local()
         tower.encoder.layers[layer].register_forward_hook(self._capture)
 
     @property
@@ -99,7 +102,7 @@ class VisionEncoder(nn.Module):
         return super().train(False)
 
     def _capture(self, module, inputs, output):
-        self._captured = output[0] if isinstance(output, tuple) else output
+        self._local.features = output[0] if isinstance(output, tuple) else output
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -109,7 +112,7 @@ class VisionEncoder(nn.Module):
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
         with amp:
             self.clip(pixel_values=pixel_values)
-        features, self._captured = self._captured, None
+        features, self._local.features = self._local.features, None
         return features
 
     def encode_images(self, images: List[Image.Image]) -> torch.Tensor:
