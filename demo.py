@@ -37,7 +37,7 @@ PLANS = {
     # features are cached, so fresh pictures cost little more than repeated ones.
     "full": dict(n_pretrain=12000, n_sft=12000, n_multi=3000, n_rehearsal=1500, n_heldout=300,
                  pretrain=dict(epochs=1, lr=3e-3), sft=dict(epochs=1, lr=2e-3), multi=dict(epochs=1, lr=1e-3)),
-    "quick": dict(n_pretrain=1200, n_sft=1200, n_multi=400, n_rehearsal=200, n_heldout=120,
+    "quick": dict(n_pretrain=3000, n_sft=4000, n_multi=400, n_rehearsal=400, n_heldout=120,
                   pretrain=dict(epochs=1, lr=3e-3), sft=dict(epochs=1, lr=2e-3), multi=dict(epochs=1, lr=1e-3)),
 }
 

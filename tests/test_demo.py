@@ -21,9 +21,11 @@ def test_quick_demo_learns(tmp_path):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     acc, chance = report["accuracy"], report["chance"]
-    # Far above chance where the demo reliably learns (see the README for the full demo's
-    # numbers: shape and two-picture questions are still weak).
-    for qtype in ("colour", "position", "count"):
-        assert acc[qtype] >= min(0.9, 2.5 * chance[qtype]), (qtype, acc)
-    assert report["pretrain_caption_accuracy"] > 3 * chance["caption"], report
+    # The reduced run (about 3 minutes) reliably learns colour, far above chance (1/6); the
+    # other question types need the full demo (README).
+    assert acc["colour"] >= 0.8 > 4 * chance["colour"], acc
+    for stage, factor in (("pretrain", 3), ("sft", 3), ("sft_multi", 1.25)):
+        history = json.loads((out / f"{tag}_vlm_{stage}.pth.history.json").read_text())
+        losses = [h["loss"] for h in history if "loss" in h]
+        assert losses[-1] < losses[0] / factor, (stage, losses)
     assert "| colour |" in (out / "report.md").read_text(encoding="utf-8")
