@@ -202,6 +202,21 @@ class VLMDataset(Dataset):
         self.problems.append((ref, reason))
         logger.warning("%s", message)
 
+    def drop_images(self, bad: dict) -> None:
+        """Drop (and report) every record that uses a picture of `bad` ({path: reason}): the
+        feature cache decodes pictures itself, so paths mode learns of broken ones from it."""
+        if not bad:
+            return
+        kept = []
+        for sample in self.samples:
+            reasons = [bad[p] for p in sample[3] if p in bad]
+            if reasons:
+                self.report(sample[0], reasons[0])
+            else:
+                kept.append(sample)
+        self.samples = kept
+        self.approx_lengths = [self._approx_length(s[2]) for s in kept]
+
     def summary(self) -> str:
         return summarize(self.problems, f"{self.data_path}: {self.n_read} record(s) read, "
                                         f"{len(self.samples)} passed the load-time checks")

@@ -387,3 +387,19 @@ def test_check_data_script_runs_from_the_repo_root(tmp_path, images):
     assert run.returncode == 1, run.stderr
     assert "line 2 (id='gone'): image file missing" in run.stdout
     assert "1 problem(s)" in run.stdout
+
+
+def test_drop_images_reports_and_removes_their_records(tmp_path, tok):
+    from PIL import Image as _Image
+
+    for name in ("a.png", "b.png"):
+        _Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rows = [{"id": i, "image": n, "conversations": [{"from": "human", "value": "<image>\n?"},
+                                                    {"from": "gpt", "value": "ok"}]}
+            for i, n in enumerate(["a.png", "b.png", "a.png"])]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = VLMDataset(str(tmp_path / "d.jsonl"), str(tmp_path), tok, IMAGE_PLACEHOLDER_IDS,
+                    image_mode="paths")
+    ds.drop_images({str(tmp_path / "a.png"): "image unreadable: a.png"})
+    assert [s[1] for s in ds.samples] == [1] and len(ds.approx_lengths) == 1
+    assert len(ds.problems) == 2 and all("a.png" in reason for _, reason in ds.problems)

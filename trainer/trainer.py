@@ -293,16 +293,7 @@ class Run:
             bad = self.cache.build([p for s in ds.samples for p in s[3]], self.device,
                                    num_workers=a.num_workers, rank=self.rank, world_size=self.world,
                                    barrier=barrier, progress=self.master and not a.no_progress)
-            if bad:   # drop the records whose pictures cannot be read, counting each
-                kept = []
-                for sample in ds.samples:
-                    reasons = [bad[p] for p in sample[3] if p in bad]
-                    if reasons:
-                        ds.report(sample[0], reasons[0])
-                    else:
-                        kept.append(sample)
-                ds.samples = kept
-                ds.approx_lengths = [ds._approx_length(s[2]) for s in kept]
+            ds.drop_images(bad)
         return ds
 
     def loader(self, ds, sampler):
