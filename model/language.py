@@ -4,21 +4,18 @@ Attribute names mirror the original MiniMind so that published `.pth` files load
 `tok_embeddings`, `layers.{i}.attention.{wq,wk,wv,wo}`, `layers.{i}.feed_forward.{w1,w2,w3}`,
 `attention_norm`, `ffn_norm`, `norm`, `output` (tied to `tok_embeddings`).
 
-The KV cache is a value passed in and returned by `forward` (a list of per-layer (k, v)), never
-state on the modules, so several generations can run side by side and training is unaffected.
+The KV cache is an object passed in and returned by `forward` (`KVCache`), never state on the
+modules, so several generations can run side by side and training is unaffected.
 """
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import VLMConfig
-
-KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
-
 
 IGNORE_INDEX = -100   # label of positions without a target (HF / torch convention)
 
@@ -29,9 +26,37 @@ class LMOutput:
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None       # mean token cross entropy + MoE aux loss (labels given)
     aux_loss: Optional[torch.Tensor] = None   # MoE load-balancing loss (0 for dense models)
-    past_key_values: Optional[KVCache] = None
+    past_key_values: Optional["KVCache"] = None
     ce_sum: Optional[torch.Tensor] = None     # summed cross entropy and the number of target
     n_tokens: Optional[torch.Tensor] = None   # tokens (labels given): for exact global means
+
+
+class KVCache:
+    """Keys and values of every position seen so far, one [B, kv_heads, capacity, head_dim]
+    buffer per layer, written in place: a decoding step appends one position instead of
+    copying the whole past (torch.cat) or repeating it for the query heads. `generate` sizes it
+    for prompt + max_new_tokens; a caller who goes further gets a buffer twice as big."""
+
+    def __init__(self, n_layers: int, capacity: int = 256):
+        self.keys: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.values: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.capacity = capacity
+        self.length = 0   # positions already stored (the model advances it after each forward)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, kv_heads, T, D] after the cached positions; return all of them so far."""
+        start, end = self.length, self.length + k.shape[2]
+        for store in (self.keys, self.values):
+            buf = store[layer]
+            if buf is None or end > buf.shape[2]:
+                size = max(self.capacity, end) if buf is None else max(end, 2 * buf.shape[2])
+                grown = k.new_empty(k.shape[0], k.shape[1], size, k.shape[3])
+                if buf is not None:
+                    grown[:, :, :start] = buf[:, :, :start]
+                store[layer] = grown
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class RMSNorm(nn.Module):
@@ -42,9 +67,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float):
@@ -54,14 +77,22 @@ def rope_tables(head_dim: int, max_len: int, theta: float):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of the last dim, as MiniMind's complex-number
-    formulation does. x: [B, T, H, D]; cos/sin: [T, D/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def rope_rotation(cos, sin):
+    """The rotations as unit complex numbers [T, D/2], built once per forward for all layers."""
+    return torch.complex(cos.float(), sin.float())
+
+
+def apply_rope(x, rotation):
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of the last dim by multiplying each pair,
+    read as the complex number x0 + i*x1, by the rotation (MiniMind's formulation; one complex
+    multiply instead of a dozen real ops). x: [B, T, H, D]; rotation: [T, D/2] complex."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation[None, :, None, :]).flatten(-2).type_as(x)
+
+
+def dropout_layer(p: float) -> nn.Module:
+    # nn.Dropout(0) still costs a call per layer in every decoding step.
+    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 class Attention(nn.Module):
@@ -73,27 +104,26 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = dropout_layer(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, past_kv):
+    def forward(self, x, rotation, mask, cache: Optional[KVCache] = None, layer: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=1)
-            v = torch.cat([past_kv[1], v], dim=1)
-        present = (k, v)
+        q, k = apply_rope(q, rotation), apply_rope(k, rotation)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))   # [B, heads, T, D]
-        rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # enable_gqa: query head h reads kv head h // (n_heads / n_kv_heads), as
+        # repeat_interleave would give, without materialising the repeated keys and values.
         # mask None means "plain causal over new tokens with no cache" (the training case).
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0)
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_heads != self.n_kv_heads)
         out = out.transpose(1, 2).reshape(B, T, -1)
-        return self.resid_dropout(self.wo(out)), present
+        return self.resid_dropout(self.wo(out))
 
 
 class FeedForward(nn.Module):
@@ -104,7 +134,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout_layer(cfg.dropout)
 
     def forward(self, x):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
@@ -174,12 +204,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoEFeedForward(cfg) if cfg.use_moe else FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask, past_kv):
-        h, present = self.attention(self.attention_norm(x), cos, sin, mask, past_kv)
-        x = x + h
+    def forward(self, x, rotation, mask, cache: Optional[KVCache] = None, layer: int = 0):
+        """Returns (output, MoE load-balancing loss or None for a dense block)."""
+        x = x + self.attention(self.attention_norm(x), rotation, mask, cache, layer)
         ff = self.feed_forward(self.ffn_norm(x))
-        ff, aux = ff if isinstance(ff, tuple) else (ff, x.new_zeros((), dtype=torch.float32))
-        return x + ff, present, aux
+        ff, aux = ff if isinstance(ff, tuple) else (ff, None)
+        return x + ff, aux
 
 
 def build_attention_mask(attention_mask: Optional[torch.Tensor], T: int, past_len: int, device):
@@ -210,7 +240,7 @@ class MiniMindLM(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout_layer(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -237,19 +267,26 @@ class MiniMindLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
                 use_cache: bool = False, logits_to_keep: int = 0, **vision_inputs) -> LMOutput:
+        """`past_key_values` (a KVCache, extended in place) holds the positions before input_ids;
+        with use_cache and none given, a new one is started. `attention_mask` covers past and new
+        positions (1 real, 0 padding)."""
         B, T = input_ids.shape
-        past_len = past_key_values[0][0].shape[1] if past_key_values else 0
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(len(self.layers), capacity=T)
+        past_len = cache.length if cache is not None else 0
         if past_len + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past_len + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         h = self.dropout(self.embed(input_ids, **vision_inputs))
-        cos = self.rope_cos[past_len:past_len + T]
-        sin = self.rope_sin[past_len:past_len + T]
+        rotation = rope_rotation(self.rope_cos[past_len:past_len + T], self.rope_sin[past_len:past_len + T])
         mask = build_attention_mask(attention_mask, T, past_len, input_ids.device)
-        presents, aux = [], h.new_zeros((), dtype=torch.float32)
+        aux = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            h, present, layer_aux = layer(h, cos, sin, mask, past_key_values[i] if past_key_values else None)
-            presents.append(present)
-            aux = aux + layer_aux
+            h, layer_aux = layer(h, rotation, mask, cache, i)
+            if layer_aux is not None:
+                aux = aux + layer_aux
+        if cache is not None:
+            cache.length += T
         h = self.norm(h)
         if labels is not None:
             if logits_to_keep:
@@ -268,7 +305,7 @@ class MiniMindLM(nn.Module):
         if logits_to_keep:   # generation only needs the last position
             h = h[:, -logits_to_keep:]
         logits = self.output(h)
-        return LMOutput(logits=logits, aux_loss=aux, past_key_values=presents if use_cache else None)
+        return LMOutput(logits=logits, aux_loss=aux, past_key_values=cache if use_cache else None)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
@@ -295,14 +332,19 @@ class MiniMindLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         seen = self._penalty_mask(input_ids, attention_mask) if repetition_penalty != 1.0 else None
+        # Without left padding no mask is needed at all: skip building and growing one per step.
+        padded = not bool(attention_mask.all())
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        ids, past = input_ids, None
-        step_ids, step_mask = input_ids, attention_mask
-        for _ in range(max_new_tokens):
+        past = None
+        if use_cache:
+            capacity = min(input_ids.shape[1] + max_new_tokens, self.config.max_seq_len)
+            past = KVCache(len(self.layers), capacity)
+        ids, step_ids = input_ids, input_ids
+        for step in range(max_new_tokens):
             with torch.inference_mode():
-                out = self(step_ids, attention_mask=step_mask if use_cache else attention_mask,
+                out = self(step_ids, attention_mask=attention_mask if padded else None,
                            past_key_values=past, use_cache=use_cache, logits_to_keep=1,
-                           **(vision_inputs if past is None or not use_cache else {}))
+                           **(vision_inputs if step == 0 or not use_cache else {}))
             logits = out.logits[:, -1].float()
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -314,9 +356,10 @@ class MiniMindLM(nn.Module):
                 return
             if seen is not None:
                 seen[torch.arange(B, device=seen.device), next_tok] = True
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            if padded:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
             if use_cache:
-                past, step_ids, step_mask = out.past_key_values, next_tok[:, None], attention_mask
+                step_ids = next_tok[:, None]
             else:
                 ids = torch.cat([ids, next_tok[:, None]], dim=1)
                 step_ids = ids

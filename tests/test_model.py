@@ -250,6 +250,22 @@ def test_kv_cache_matches_full_recompute(tiny_vlm, tokenizer):
     assert torch.equal(cached, full)
 
 
+def test_kv_cache_grows_past_its_capacity(tiny_vlm, tokenizer):
+    """A cache sized too small (here 4 positions) must grow without changing any logit."""
+    from model.language import KVCache
+    ids = torch.tensor([_prompts(tokenizer, tiny_vlm)[0]])
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        full = tiny_vlm(ids, pixel_values=pixels).logits
+        cache = KVCache(len(tiny_vlm.layers), capacity=4)
+        prompt_len = ids.shape[1] - 5
+        first = tiny_vlm(ids[:, :prompt_len], pixel_values=pixels, past_key_values=cache, use_cache=True).logits
+        steps = [tiny_vlm(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+                 for t in range(prompt_len, ids.shape[1])]
+    assert cache.length == ids.shape[1] and cache.keys[0].shape[2] >= ids.shape[1]
+    assert torch.allclose(torch.cat([first] + steps, dim=1), full, atol=1e-5)
+
+
 def test_batched_generation_equals_one_by_one(tiny_vlm, tokenizer):
     prompts = _prompts(tokenizer, tiny_vlm)
     n_imgs = [1, 0, 2]

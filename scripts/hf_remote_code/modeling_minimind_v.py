@@ -83,7 +83,7 @@ class MiniMindVForCausalLM(PreTrainedModel):
                 labels: Optional[torch.Tensor] = None, past_key_values=None, use_cache: bool = False,
                 logits_to_keep: int = 0, pixel_values: Optional[torch.Tensor] = None,
                 image_features: Optional[torch.Tensor] = None, **kwargs) -> CausalLMOutputWithPast:
-        """As MiniMindVLM.forward; the cache is our list of per-layer (k, v) tensors."""
+        """As MiniMindVLM.forward; the cache is our KVCache (model/language.py), extended in place."""
         if pixel_values is not None:
             self.load_vision_encoder()
         out = self.model(input_ids, attention_mask=attention_mask, labels=labels,
