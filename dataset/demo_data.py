@@ -12,6 +12,7 @@ exactly one right answer; positions are only asked about when there is a single 
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -29,7 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 # Bump when the generated data changes, so stale output on disk is regenerated.
-VERSION = 3
+VERSION = 5
 IMAGE_SIZE = 224
 
 # Well-separated hues; each channel is jittered by at most COLOUR_JITTER, which keeps them apart.
@@ -54,7 +55,10 @@ POSITIONS = {
 }
 POSITION_WORDS = {"左上": "左上角", "右上": "右上角", "左下": "左下角", "右下": "右下角", "中间": "中间"}
 COUNT_WORDS = {1: "一个", 2: "两个", 3: "三个"}
-SIZE_RANGE = (44, 80)   # nominal shape size in px (a circle's diameter)
+# Nominal size in px of a single shape (a circle's diameter). Large: what tells a circle from a
+# square is the few corner pixels, and only big shapes give the 32-px patches enough of them.
+SIZE_RANGE = (60, 90)
+MULTI_SIZE_RANGE = (44, 70)   # several shapes share the picture, one per corner
 POS_JITTER = 10         # px; with shapes <= 88 px wide, shapes on adjacent corners never touch
 
 CAPTION_QUESTIONS = [
@@ -108,12 +112,17 @@ def sample_scene(rng, count=None, colour=None, shape=None, position=None):
         # Several shapes go to distinct corners (never the centre, which would touch them).
         position = None
         slots = rng.sample(["左上", "右上", "左下", "右下"], count)
-        size_range = (SIZE_RANGE[0], 70)
+        size_range = MULTI_SIZE_RANGE
     items = []
     for slot in slots:
         cx, cy = POSITIONS[slot]
-        items.append((cx + rng.randint(-POS_JITTER, POS_JITTER), cy + rng.randint(-POS_JITTER, POS_JITTER),
-                      rng.randint(*size_range)))
+        size = rng.randint(*size_range)
+        # A big shape near a corner is nudged inwards so that none of it is cut off (a triangle,
+        # drawn 1.1x larger, reaches 0.55 * size from its centre).
+        reach = math.ceil(0.55 * size) + 1
+        cx, cy = (min(max(c + rng.randint(-POS_JITTER, POS_JITTER), reach), IMAGE_SIZE - 1 - reach)
+                  for c in (cx, cy))
+        items.append((cx, cy, size))
     base = rng.randint(225, 250)  # light, low-saturation background tint
     bg = tuple(min(255, base + rng.randint(-8, 8)) for _ in range(3))
     rgb = tuple(max(0, min(255, c + rng.randint(-COLOUR_JITTER, COLOUR_JITTER))) for c in COLOURS[colour])
@@ -174,20 +183,26 @@ def answer(qtype, a):
 
 
 def multi_qa(rng, mtype, a, b):
-    """(question, answer, extra attrs) comparing two pictures."""
+    """(question, answer, extra attrs) comparing two pictures.
+
+    Answers describe each picture first and conclude last ("第一张是圆形，第二张是三角形，不一样。"):
+    a model that must say "same" or "different" as its first word has to compare both pictures
+    in a single step, while one that has just written both descriptions only compares two words
+    it can read back. A tiny model learns the second far faster (and it reads better)."""
     if mtype == "which":  # only asked when exactly one picture matches
         target = rng.randrange(2)
         t = (a, b)[target]
         q = rng.choice(MULTI_QUESTIONS[mtype]).format(colour=t["colour"], shape=t["shape"])
-        return q, f"{ORDINALS[target]}图片。", {"target": target}
+        # Each description is checked against the question right after it is written.
+        described = "；".join(f"{ORDINALS[k]}是{x['colour']}的{x['shape']}，{'是' if k == target else '不是'}"
+                             for k, x in enumerate((a, b)))
+        return q, f"{described}；所以是{ORDINALS[target]}图片。", {"target": target}
     key = mtype[len("same_"):]
     fmt = (lambda n: COUNT_WORDS[n]) if key == "count" else (lambda v: v)
     verb = "有" if key == "count" else "是"
-    if a[key] == b[key]:
-        ans = f"一样，都{verb}{fmt(a[key])}。"
-    else:
-        ans = f"不一样，第一张{verb}{fmt(a[key])}，第二张{verb}{fmt(b[key])}。"
-    return rng.choice(MULTI_QUESTIONS[mtype]), ans, {}
+    described = "，".join(f"{ORDINALS[k]}{verb}{fmt(x[key])}" for k, x in enumerate((a, b)))
+    verdict = "一样" if a[key] == b[key] else "不一样"
+    return rng.choice(MULTI_QUESTIONS[mtype]), f"{described}，{verdict}。", {}
 
 
 def multi_types_for(a, b):
@@ -467,10 +482,19 @@ def score_answer(record, answer_text):
     raise ValueError(f"unknown qtype {qtype!r}")
 
 
+def names_colour_and_shape(record, answer_text):
+    """The pretrain-caption target: the caption names the right colour and the right shape."""
+    a = record["attrs"]
+    return (_states(colours_in(answer_text), a["colour"])
+            and _states(shapes_in(answer_text), a["shape"]))
+
+
 def _score_multi(a, text):
     first, second = a["images"]
     if a["mtype"] == "which":
-        said = _mentions(text, {"第一": 0, "第1": 0, "第二": 1, "第2": 1, "两张": -1, "都": -1})
+        # The conclusion is what counts: the part after the last "所以" (so), if any.
+        conclusion = text.rsplit("所以", 1)[-1]
+        said = _mentions(conclusion, {"第一": 0, "第1": 0, "第二": 1, "第2": 1, "两张": -1, "都": -1})
         return said != [] and set(said) == {a["target"]}
     key = a["mtype"][len("same_"):]
     find = {"shape": shapes_in, "colour": colours_in, "count": counts_in}[key]
@@ -479,12 +503,12 @@ def _score_multi(a, text):
         return False
     # Any values the answer adds must be the right ones, in picture order.
     found = find(text)
-    return not found or (found == [first[key]] if same else found == [first[key], second[key]])
+    return not found or found == [first[key], second[key]] or (same and found == [first[key]])
 
 
 # ----------------------------------------------------------------------------- vision tower
 
-def make_demo_clip(path="model/vision_model/demo-clip", seed=0, hidden_size=256, num_layers=2, force=False):
+def make_demo_clip(path="model/vision_model/demo-clip", seed=0, hidden_size=512, num_layers=1, force=False):
     """Save a small randomly initialised CLIP (plus image processor) laid out like the real one.
 
     The encoder stays frozen in the demo, so random weights just have to keep colour, shape and
@@ -492,8 +516,9 @@ def make_demo_clip(path="model/vision_model/demo-clip", seed=0, hidden_size=256,
     the 49 patch tokens keeps what its patch shows (tests check that pictures differing only in
     colour give clearly different features). `initializer_range` is left at CLIP's 0.02: it
     scales patch and position embeddings alike and pre-LayerNorm removes the scale, so it does
-    not change the features. Depth hardly matters either (random layers mostly add a near-uniform
-    attention average to the residual stream); two layers keep it cheap.
+    not change the features. Width matters more than depth: a linear probe tells circles from
+    squares better on 512-wide tokens than on 256-wide ones, while random layers only add a
+    near-uniform attention average to the residual stream, so one layer is enough.
     """
     # Recorded in config.json so a folder made with other settings is rebuilt, not reused.
     recipe = {"version": VERSION, "seed": seed, "hidden_size": hidden_size, "num_layers": num_layers}
@@ -542,20 +567,24 @@ def main(argv=None):
     p.add_argument("--out_dir", default="dataset/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="regenerate even if complete output exists")
-    p.add_argument("--n_pretrain", type=int, default=4000)
-    p.add_argument("--n_sft", type=int, default=4000)
-    p.add_argument("--n_multi", type=int, default=1000)
-    p.add_argument("--n_heldout", type=int, default=300)
+    # Defaults: the sizes of `python demo.py` (its "full" plan), so the two share the output.
+    p.add_argument("--n_pretrain", type=int, default=6000)
+    p.add_argument("--n_sft", type=int, default=5000)
+    p.add_argument("--n_multi", type=int, default=3000)
+    p.add_argument("--n_rehearsal", type=int, default=500, help="single-picture records mixed into sft_multi")
+    p.add_argument("--n_heldout", type=int, default=480)
     p.add_argument("--clip_path", default="model/vision_model/demo-clip")
-    p.add_argument("--clip_hidden_size", type=int, default=256)
+    p.add_argument("--clip_hidden_size", type=int, default=512)
+    p.add_argument("--clip_layers", type=int, default=1)
     args = p.parse_args(argv)
     t0 = time.time()
     m = generate_demo_data(args.out_dir, args.seed, args.n_pretrain, args.n_sft, args.n_multi,
-                           args.n_heldout, force=args.force)
-    print(f"data: {args.out_dir} (pretrain {m['n_pretrain']}, sft {m['n_sft']}, multi {m['n_multi']}, "
-          f"held-out {m['n_heldout']}) in {time.time() - t0:.1f}s")
+                           args.n_heldout, n_rehearsal=args.n_rehearsal, force=args.force)
+    print(f"data: {args.out_dir} (pretrain {m['n_pretrain']}, sft {m['n_sft']}, multi {m['n_multi']} "
+          f"+ {m['n_rehearsal']} rehearsal, held-out {m['n_heldout']}) in {time.time() - t0:.1f}s")
     t0 = time.time()
-    make_demo_clip(args.clip_path, seed=args.seed, hidden_size=args.clip_hidden_size, force=args.force)
+    make_demo_clip(args.clip_path, seed=args.seed, hidden_size=args.clip_hidden_size,
+                   num_layers=args.clip_layers, force=args.force)
     print(f"demo CLIP: {args.clip_path} in {time.time() - t0:.1f}s")
 
 

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .config import VLMConfig
+from .config import VLMConfig, heads_for
 from .vlm import MiniMindVLM, VisionProj
 
 log = logging.getLogger("minimind_v")
@@ -73,10 +73,11 @@ def normalize_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 
 def config_from_state_dict(sd: Dict[str, torch.Tensor], **overrides) -> VLMConfig:
     """Infer the size of the model that wrote `sd` (dim, layers, heads of the kv projections,
-    MoE, projector bias), so inference needs no size flags. n_heads defaults to 16."""
+    MoE, projector bias), so inference needs no size flags. The number of query heads is not in
+    the shapes: it comes from the preset of the same size (16 for unknown sizes, see heads_for)."""
     vocab, dim = sd["tok_embeddings.weight"].shape
     n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
-    n_heads = overrides.pop("n_heads", 16)
+    n_heads = overrides.pop("n_heads", heads_for(dim, n_layers)[0])
     kv_dim = sd["layers.0.attention.wk.weight"].shape[0]
     experts = {int(m.group(1)) for k in sd for m in [re.match(r"layers\.0\.feed_forward\.experts\.(\d+)\.", k)] if m}
     w1 = sd["layers.0.feed_forward.experts.0.w1.weight" if experts else "layers.0.feed_forward.w1.weight"]

@@ -14,14 +14,25 @@ IMAGE_PLACEHOLDER_IDS = [30] * 25 + [32] * 25
 IMAGE_MARK = "<image>"
 
 # The two published sizes, plus small ones for the offline demo and smoke tests. MoE is an
-# orthogonal switch. All keep MiniMind's 16 query / 8 key-value heads: weight files hold no config
-# and the head split cannot be read off the weight shapes, so loaders assume these counts.
+# orthogonal switch. Weight files hold no config and the head split cannot be read off the
+# weight shapes: loaders take it from the preset of the same dim and depth (`heads_for`).
 PRESETS = {
-    "512": dict(dim=512, n_layers=8),     # ~27M parameters, the flagship
+    "512": dict(dim=512, n_layers=8),     # ~27M parameters, the flagship (16 / 8 heads)
     "768": dict(dim=768, n_layers=16),    # ~109M parameters
-    "demo": dict(dim=128, n_layers=4, max_seq_len=512),  # trains in minutes on a CPU
+    # Trains in minutes on a CPU. 4 heads of 32 dims: with MiniMind's 16 heads a 128-wide model
+    # would attend with 8-dim queries, too few to pick out the right image patches.
+    "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512),
     "tiny": dict(dim=64, n_layers=2, max_seq_len=512),   # smoke tests
 }
+
+
+def heads_for(dim: int, n_layers: int):
+    """(n_heads, n_kv_heads) of the preset with this width and depth; MiniMind's 16 / 8 for any
+    other size (as in every published checkpoint)."""
+    for preset in PRESETS.values():
+        if (preset["dim"], preset["n_layers"]) == (dim, n_layers):
+            return preset.get("n_heads", 16), preset.get("n_kv_heads", 8)
+    return 16, 8
 
 
 class VLMConfig(PretrainedConfig):

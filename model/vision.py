@@ -9,6 +9,7 @@ import os
 import threading
 from typing import List, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -47,12 +48,44 @@ class ImagePreprocessor:
 
     def __init__(self, processor, size: int, squash: bool = True):
         self.processor, self.size, self.squash = processor, size, squash
+        self.direct = self._direct_normalisation() if squash else None
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         images = [to_rgb(im) for im in images]
         if self.squash:
             images = [im.resize((self.size, self.size), Image.BICUBIC) for im in images]
+            if self.direct is not None:
+                return self._normalise(images, *self.direct)
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    @staticmethod
+    def _normalise(images, scale, mean, std):
+        pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+        return (pixels.float() * scale - mean) / std
+
+    def _direct_normalisation(self):
+        """(scale, mean, std) when the processor, given a picture that already has the target
+        size, does nothing but rescale and normalise it; else None. Doing that arithmetic here is
+        ~10x faster than the processor (which matters when caching features of a big dataset).
+        Verified once against the processor itself, so an unusual processor config just keeps
+        the slow path."""
+        p = self.processor
+        try:
+            scale = float(p.rescale_factor) if p.do_rescale else 1.0
+            mean = torch.tensor(p.image_mean if p.do_normalize else [0.0] * 3).view(1, 3, 1, 1)
+            std = torch.tensor(p.image_std if p.do_normalize else [1.0] * 3).view(1, 3, 1, 1)
+        except (AttributeError, TypeError):
+            return None
+        rng = np.random.default_rng(0)
+        probe = Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8))
+        try:
+            expected = p(images=[probe], return_tensors="pt")["pixel_values"]
+        except Exception:   # noqa: BLE001 - a processor we cannot probe keeps the slow path
+            return None
+        got = self._normalise([probe], scale, mean, std)
+        if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-5):
+            return None
+        return scale, mean, std
 
 
 class VisionEncoder(nn.Module):

@@ -173,11 +173,13 @@ def test_attribute_coverage(demo):
     singles = [r["attrs"] for r in heldout if r["qtype"] != "multi"]
     assert {a["count"] for a in singles} == {1, 2, 3}
     assert len({a["colour"] for a in singles}) >= 5 and {a["shape"] for a in singles} == set(dd.SHAPES)
-    # Comparison answers go both ways.
-    multi_answers = [t["value"] for r in load(demo, "sft_multi") for t in r["conversations"][1::2]]
-    assert any(a.startswith("一样") for a in multi_answers)
-    assert any(a.startswith("不一样") for a in multi_answers)
-    assert any(a.startswith("第一张") for a in multi_answers) and any(a.startswith("第二张") for a in multi_answers)
+    # Comparison answers describe both pictures, then conclude, both ways.
+    multi_answers = [t["value"] for r in load(demo, "sft_multi") for t in r["conversations"][1::2]
+                     if t["value"].startswith("第一张")]
+    assert any(a.endswith("，一样。") for a in multi_answers)
+    assert any(a.endswith("，不一样。") for a in multi_answers)
+    assert any(a.endswith("所以是第一张图片。") for a in multi_answers)
+    assert any(a.endswith("所以是第二张图片。") for a in multi_answers)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -225,15 +227,18 @@ def test_score_rejects_a_wrong_colour_in_every_reference(demo):
      ["图中有两个黄色的正方形。"], ["图中有两个黄色的正方形，位于中间。", "图中有三个黄色的正方形。",
                             "图中有两个黄色和绿色的正方形。"]),
     (multi("which", {}, {"colour": "蓝色"}, target=1),
-     ["第二张图片。", "第2张"], ["第一张图片。", "两张都有。", "第一张和第二张", ""]),
+     ["第二张图片。", "第2张", "第一张是红色的圆形，第二张是蓝色的圆形，所以是第二张图片。"],
+     ["第一张图片。", "两张都有。", "第一张和第二张", "", "第一张是红色的圆形，第二张是蓝色的圆形，所以是第一张图片。"]),
     (multi("same_shape", {"shape": "三角形"}, {"shape": "三角形"}),
-     ["一样，都是三角形。", "相同"], ["不一样，第一张是三角形，第二张是圆形。", "一样，都是圆形。", "三角形"]),
+     ["一样，都是三角形。", "相同", "第一张是三角形，第二张是三角形，一样。"],
+     ["不一样，第一张是三角形，第二张是圆形。", "一样，都是圆形。", "三角形", "第一张是三角形，第二张是三角形，不一样。"]),
     (multi("same_shape", {"shape": "圆形"}, {"shape": "正方形"}),
-     ["不一样，第一张是圆形，第二张是正方形。", "不一样。"],
-     ["一样，都是圆形。", "不一样，第一张是正方形，第二张是圆形。"]),
+     ["不一样，第一张是圆形，第二张是正方形。", "不一样。", "第一张是圆形，第二张是正方形，不一样。"],
+     ["一样，都是圆形。", "不一样，第一张是正方形，第二张是圆形。", "第一张是圆形，第二张是圆形，一样。"]),
     (multi("same_colour", {"colour": "红色"}, {"colour": "绿色"}),
      ["不一样，第一张是红色，第二张是绿色。"], ["一样，都是红色。", "不一样，第一张是绿色，第二张是红色。"]),
-    (multi("same_count", {"count": 2}, {"count": 2}), ["一样，都有两个。"], ["不一样。", "一样，都有三个。"]),
+    (multi("same_count", {"count": 2}, {"count": 2}), ["一样，都有两个。", "第一张有两个，第二张有两个，一样。"],
+     ["不一样。", "一样，都有三个。", "第一张有两个，第二张有三个，一样。"]),
     (multi("same_count", {"count": 1}, {"count": 3}),
      ["不一样，第一张有一个，第二张有三个。", "不一样，第1张有1个，第2张有3个"], ["一样，都有一个。", "不一样，第一张有三个，第二张有一个。"]),
 ])
@@ -339,3 +344,21 @@ def test_rehearsal_mixes_single_picture_records_into_the_multi_set(tmp_path):
     for r in singles:
         assert r["conversations"][0]["value"].startswith("<image>\n")
         assert os.path.exists(os.path.join(str(out), dd.FILES["sft_multi"][1], r["image"]))
+
+
+def test_pretrain_target_needs_colour_and_shape_only():
+    r = rec("caption", colour="紫色", shape="三角形", count=2)
+    assert dd.names_colour_and_shape(r, "图中有三个紫色的三角形。")        # count wrong: still named
+    assert not dd.names_colour_and_shape(r, "图中有两个紫色的圆形。")
+    assert not dd.names_colour_and_shape(r, "图中有两个蓝色的三角形。")
+    assert not dd.names_colour_and_shape(r, "图中有两个紫色和蓝色的三角形。")
+
+
+def test_command_line_writes_data_and_clip(tmp_path, capsys):
+    out, clip = tmp_path / "demo", tmp_path / "clip"
+    dd.main(["--out_dir", str(out), "--n_pretrain", "3", "--n_sft", "3", "--n_multi", "2", "--n_rehearsal", "1",
+             "--n_heldout", "6", "--clip_path", str(clip), "--clip_hidden_size", "64"])
+    assert "rehearsal" in capsys.readouterr().out
+    multi = load(str(out), "sft_multi")
+    assert len(multi) == 3 and sum("," in r["image"] for r in multi) == 2    # 2 pairs + 1 single
+    assert json.load(open(clip / "config.json"))["vision_config"]["hidden_size"] == 64

@@ -1,6 +1,7 @@
 """The core model: published checkpoint layout, splice, generation, vision hook, MoE."""
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -234,6 +235,23 @@ def test_squash_keeps_the_whole_picture(tiny_clip_dir):
     assert cropped[0, 0, 100, 0] < 0               # centre crop cuts it off
 
 
+def test_direct_normalisation_equals_the_processor(tiny_clip_dir):
+    """The fast path (rescale + normalise in torch) gives the processor's own pixel values, and
+    a processor that would do more than that (here: a smaller centre crop) keeps the slow path."""
+    enc = VisionEncoder.from_pretrained(tiny_clip_dir)
+    pre = enc.preprocess
+    assert pre.direct is not None
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((224, 224), (97, 310))]
+    squashed = [im.resize((224, 224), Image.BICUBIC) for im in imgs]
+    expected = pre.processor(images=squashed, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(pre(imgs), expected, atol=1e-5)
+
+    from model.vision import ImagePreprocessor
+    cropping = type(pre.processor)(**{**pre.processor.to_dict(), "crop_size": {"height": 200, "width": 200}})
+    assert ImagePreprocessor(cropping, 224).direct is None
+
+
 # ---------------------------------------------------------------- generation
 def _prompts(tokenizer, model):
     texts = ["<image>\n这个图片描述的是什么内容？", "你好", "<image>\n<image>\n比较两张图片"]
@@ -337,3 +355,13 @@ def test_moe_trains_and_generates():
     model.eval()
     assert model.generate(ids[:1], max_new_tokens=6, eos_token_id=-1).shape == (1, 6)
     assert model(ids).aux_loss == 0      # no balancing loss at inference
+
+
+def test_head_split_of_a_weight_file_comes_from_the_matching_preset():
+    """Weight files carry no config: a demo-sized file gets the demo preset's 4 / 2 heads, any
+    other size MiniMind's 16 / 8 (so the published files keep loading)."""
+    from model.language import MiniMindLM
+    demo = config_from_state_dict(MiniMindLM(VLMConfig.from_preset("demo")).state_dict())
+    assert (demo.n_heads, demo.n_kv_heads) == (4, 2)
+    other = config_from_state_dict(MiniMindLM(VLMConfig(dim=96, n_layers=1)).state_dict())
+    assert (other.n_heads, other.n_kv_heads) == (16, 8)
