@@ -39,8 +39,8 @@ PLANS = {
     # costs a CLIP forward), and they do not overfit at this size.
     "full": dict(n_pretrain=6000, n_sft=5000, n_multi=3000, n_rehearsal=500, n_heldout=480,
                  pretrain=dict(epochs=5, lr=3e-3), sft=dict(epochs=1, lr=2e-3), multi=dict(epochs=4, lr=2e-3)),
-    "quick": dict(n_pretrain=3000, n_sft=4000, n_multi=400, n_rehearsal=400, n_heldout=120,
-                  pretrain=dict(epochs=1, lr=3e-3), sft=dict(epochs=1, lr=2e-3), multi=dict(epochs=1, lr=1e-3)),
+    "quick": dict(n_pretrain=2000, n_sft=2000, n_multi=400, n_rehearsal=400, n_heldout=120,
+                  pretrain=dict(epochs=5, lr=3e-3), sft=dict(epochs=1, lr=2e-3), multi=dict(epochs=1, lr=1e-3)),
 }
 
 
