@@ -19,8 +19,8 @@ IMAGE_MARK = "<image>"
 PRESETS = {
     "512": dict(dim=512, n_layers=8),     # ~27M parameters, the flagship (16 / 8 heads)
     "768": dict(dim=768, n_layers=16),    # ~109M parameters
-    # Trains in minutes on a CPU. 4 heads of 32 dims: with MiniMind's 16 heads a 128-wide model
-    # would attend with 8-dim queries, too few to pick out the right image patches.
+    # Trains in minutes on a CPU. 4 heads of 32 dims rather than MiniMind's 16: split 16 ways,
+    # a 128-wide model would attend with 8-dim queries.
     "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512),
     "tiny": dict(dim=64, n_layers=2, max_seq_len=512),   # smoke tests
 }

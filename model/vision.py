@@ -65,8 +65,9 @@ class ImagePreprocessor:
 
     def _direct_normalisation(self):
         """(scale, mean, std) when the processor, given a picture that already has the target
-        size, does nothing but rescale and normalise it; else None. Doing that arithmetic here is
-        ~10x faster than the processor (which matters when caching features of a big dataset).
+        size, does nothing but rescale and normalise it; else None. Doing that arithmetic here
+        halves the preprocessing time per picture (which matters when caching the features of a
+        big dataset).
         Verified once against the processor itself, so an unusual processor config just keeps
         the slow path."""
         p = self.processor
