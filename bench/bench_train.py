@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.config import VLMConfig  # noqa: E402
+from model.language import rope_rotation  # noqa: E402
 from model.vision import VisionEncoder  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 
@@ -84,9 +85,9 @@ def v1_step(model, opt, ids, labels, pixels, max_seq_len=640):
                 break
         rows.append(row)
     h = torch.stack(rows)
-    cos, sin = model.rope_cos[:max_seq_len], model.rope_sin[:max_seq_len]
+    rotation = rope_rotation(model.rope_cos[:max_seq_len], model.rope_sin[:max_seq_len])
     for layer in model.layers:
-        h, _, _ = layer(h, cos, sin, None, None)
+        h, _ = layer(h, rotation, None)
     logits = model.output(model.norm(h))             # every position through the vocabulary
     loss_mask = (y[:, 1:] != IGNORE).float()
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1).clamp(min=0),
