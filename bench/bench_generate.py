@@ -27,21 +27,9 @@ sys.path.insert(0, ROOT)
 from model.config import VLMConfig  # noqa: E402
 from model.inference import DEFAULT_QUESTION, EVAL_IMAGES, build_prompt_ids, list_images, load_image  # noqa: E402
 from model.prompt import load_tokenizer  # noqa: E402
-from model.vision import VisionEncoder  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 
-
-def random_clip_b32() -> VisionEncoder:
-    import transformers
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    try:
-        from transformers import CLIPImageProcessorPil as Processor
-    except ImportError:
-        from transformers import CLIPImageProcessor as Processor
-    transformers.utils.logging.set_verbosity_error()
-    # CLIPVisionConfig's defaults are ViT-B/32 at 224 px: 12 layers, width 768, 50 tokens.
-    return VisionEncoder(CLIPVisionModel(CLIPVisionConfig()), Processor())
+from bench_train import random_clip_b32  # noqa: E402  (same folder)
 
 
 class V1Baseline:

@@ -28,18 +28,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.config import VLMConfig  # noqa: E402
 from model.language import rope_rotation  # noqa: E402
-from model.vision import VisionEncoder  # noqa: E402
+from model.vision import VisionEncoder, clip_processor_class  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 
 IGNORE = -100
 
 
-def random_clip_b32():
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+def random_clip_b32() -> VisionEncoder:
+    """A randomly initialised CLIP ViT-B/32 vision tower (also used by bench_generate.py)."""
+    import transformers
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
+    transformers.utils.logging.set_verbosity_error()
     torch.manual_seed(0)
+    # CLIPVisionConfig's defaults are ViT-B/32 at 224 px: 12 layers, width 768, 50 tokens.
     return VisionEncoder(CLIPVisionModel(CLIPVisionConfig(image_size=224, patch_size=32)).eval(),
-                         CLIPImageProcessor())
+                         clip_processor_class()())
 
 
 def make_batch(cfg, batch_size, seed=0):

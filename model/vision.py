@@ -26,6 +26,16 @@ def _quiet_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
+def clip_processor_class():
+    """The CLIP image processor to use: in transformers 5 the PIL one (the default "fast" one
+    needs torchvision), in transformers 4 the only one."""
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    return Processor
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """CLIP wants 3-channel RGB; palette, grey, CMYK and alpha images are converted (alpha is
     composited on white so transparent areas do not turn black)."""
@@ -121,14 +131,9 @@ class VisionEncoder(nn.Module):
             raise FileNotFoundError(f"vision model not found at {path}: {REAL_CLIP_HINT}")
         from transformers import CLIPVisionModel
 
-        try:  # transformers 5: the PIL processor (the fast one needs torchvision)
-            from transformers import CLIPImageProcessorPil as Processor
-        except ImportError:  # transformers 4
-            from transformers import CLIPImageProcessor as Processor
-
         _quiet_transformers()
         model = CLIPVisionModel.from_pretrained(path, local_files_only=True)
-        processor = Processor.from_pretrained(path, local_files_only=True)
+        processor = clip_processor_class().from_pretrained(path, local_files_only=True)
         return cls(model, processor, layer=layer, squash=squash)
 
     def train(self, mode: bool = True):
