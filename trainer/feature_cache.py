@@ -5,7 +5,7 @@ waste (for the 27M model CLIP costs more than the LLM). The cache is a folder of
 fp16 `.npy` shards plus an index, under a folder named after the vision model's fingerprint:
 - a different vision model (weights, config, hooked layer, preprocessing) -> another folder;
 - a changed image file (path, size or modification time) -> another key, encoded again;
-- the same file used by many records is encoded once.
+- the same file used by many records (or reached through a symlink) is encoded once.
 Under DDP every rank encodes its share of the missing images into its own shard, then rank 0
 merges the index; the folder is shared by all ranks (and by later runs).
 """
@@ -36,8 +36,10 @@ def encoder_fingerprint(encoder) -> str:
 
 
 def image_key(path: str) -> str:
+    # realpath: a picture reached through a symlink (the demo's SFT sets link the pretrain
+    # pictures) is the same picture, encoded once.
     st = os.stat(path)
-    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def _write_json_atomic(obj, path):
