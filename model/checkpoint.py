@@ -42,7 +42,15 @@ def atomic_save(obj, path: str) -> None:
         raise
 
 
+# The exported transformers model keeps our VLM as its `.model` attribute (modeling_minimind_v.py).
+EXPORT_PREFIX = "model."
+
+
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Our state_dict from a `.pth` file (weights or a training resume file) or from a folder
+    written by scripts/export_model.py."""
+    if os.path.isdir(path):
+        return _read_export_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -54,6 +62,20 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state_dict of tensors")
     return normalize_state_dict(obj)
+
+
+def _read_export_weights(folder: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights} not found: not an exported model folder, or an incomplete export")
+    try:
+        sd = load_file(weights)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {weights}: {e}") from None
+    return normalize_state_dict({k[len(EXPORT_PREFIX):] if k.startswith(EXPORT_PREFIX) else k: v
+                                 for k, v in sd.items()})
 
 
 def normalize_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

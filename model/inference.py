@@ -31,8 +31,6 @@ EVAL_MULTI_IMAGES = os.path.join(ROOT, "dataset", "eval_multi_images", "bird")
 DEFAULT_QUESTION = "这个图片描述的是什么内容？"
 WEIGHT_NAMES = ("pretrain", "sft", "sft_multi")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# The exported transformers model keeps our VLM as its `.model` attribute (modeling_minimind_v.py).
-EXPORT_PREFIX = "model."
 WEIGHTS_HINT = ("train them (1-pretrain_vlm.py, then 2-sft_vlm.py), put the published weights "
                 "there, or run `python demo.py` for a small demo model (written to out/demo/)")
 log = logging.getLogger("minimind_v")
@@ -106,15 +104,7 @@ def find_checkpoints(out_dir: str = DEFAULT_OUT_DIR) -> List[str]:
 def read_export(folder: str):
     """(config, state_dict) of a folder written by scripts/export_model.py, read without running
     the folder's remote code."""
-    from safetensors.torch import load_file
-
-    config = VLMConfig.from_pretrained(folder)
-    weights = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise UserError(f"{weights} not found: the export is incomplete; export it again")
-    sd = {k[len(EXPORT_PREFIX):] if k.startswith(EXPORT_PREFIX) else k: v
-          for k, v in load_file(weights).items()}
-    return config, sd
+    return VLMConfig.from_pretrained(folder), read_state_dict(folder)
 
 
 def clip_width(folder: str) -> Optional[int]:

@@ -19,7 +19,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model.inference import EXPORT_PREFIX, UserError, load_model, resolve_weights  # noqa: E402
+from model.checkpoint import EXPORT_PREFIX  # noqa: E402
+from model.inference import UserError, load_model, resolve_weights  # noqa: E402
 from model.prompt import TOKENIZER_DIR  # noqa: E402
 
 MODEL_CODE = ["config.py", "language.py", "vlm.py", "vision.py"]

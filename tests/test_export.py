@@ -126,3 +126,17 @@ def test_export_refuses_missing_weights(tmp_path):
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "absent.pth" in result.stderr and not os.path.exists(tmp_path / "out")
+
+
+def test_training_starts_from_an_export(export_dir, checkpoint, tiny_clip_dir, tmp_path):
+    """An exported folder is accepted wherever a .pth is: same weights, and --init_weight."""
+    from model.checkpoint import read_state_dict
+    from test_train import common, make_data, run_stage
+
+    from_export, from_pth = read_state_dict(export_dir), read_state_dict(checkpoint)
+    assert from_export.keys() == from_pth.keys()
+    assert all(torch.equal(from_export[k], from_pth[k]) for k in from_pth)
+    out = tmp_path / "out"
+    run_stage("sft", common(make_data(tmp_path / "d", n=8), tiny_clip_dir, out,
+                            "--init_weight", export_dir, "--max_steps", "1"))
+    assert (out / "64_vlm_sft.pth").is_file()

@@ -67,7 +67,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--use_moe", action="store_true")
     g.add_argument("--max_seq_len", type=int, default=640, help="longest sample in tokens (50 per image)")
     g.add_argument("--vision_model", default="./model/vision_model/clip-vit-base-patch32")
-    g.add_argument("--init_weight", default=None, help="starting weights (default: out/{tag}_" + s.init_from + ".pth)")
+    g.add_argument("--init_weight", default=None, help="starting weights, a .pth or an exported folder (default: out/{tag}_" + s.init_from + ".pth)")
     g.add_argument("--from_scratch", action="store_true", help="random LLM + projector (no starting weights)")
     g.add_argument("--save_weight", default=None, help="output weights (default: out/{tag}_vlm_<stage>.pth)")
     g.add_argument("--freeze_llm", action=argparse.BooleanOptionalAction, default=None,
@@ -256,7 +256,7 @@ class Run:
         a.config.vision_hidden_size = encoder.hidden_size
         model = MiniMindVLM(a.config, encoder)
         if a.init_weight:
-            if not os.path.isfile(a.init_weight):
+            if not os.path.exists(a.init_weight):   # a .pth file or an exported folder
                 hint = ("download MiniMind's full_sft_{dim}.pth and save it under that name, or pass "
                         "--from_scratch" if a.stage == "pretrain" else
                         f"run the previous stage first, or pass --init_weight")
