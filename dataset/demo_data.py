@@ -450,9 +450,9 @@ def generate_demo_data(out_dir="dataset/demo", seed=0, n_pretrain=4000, n_sft=40
     pretrain_folder = os.path.join(out_dir, FILES["pretrain"][1])
     seen = _save_all(pretrain_folder, pretrain_jobs)
     pool = PicturePool(pretrain_jobs)
-    for name, gen in (("sft", lambda: _gen_sft(seed, n_sft, pool)),
-                      ("sft_multi", lambda: _gen_multi(seed, n_multi, pool, n_rehearsal))):
-        sets[name], jobs = gen()
+    later = {"sft": _gen_sft(seed, n_sft, pool), "sft_multi": _gen_multi(seed, n_multi, pool, n_rehearsal)}
+    for name, (records, jobs) in later.items():
+        sets[name] = records
         seen |= _save_all(os.path.join(out_dir, FILES[name][1]), jobs, shared_folder=pretrain_folder)
     sets["heldout"] = _gen_heldout(os.path.join(out_dir, FILES["heldout"][1]), seed, n_heldout, seen)
     for name, records in sets.items():
