@@ -73,7 +73,7 @@ def evaluate(weights, records, device):
     torch.manual_seed(0)
     model = load_model(weights, DEMO_CLIP, device)
     tokenizer = load_tokenizer()
-    greedy = Sampling(temperature=0.0, max_new_tokens=48)   # the longest reference is ~33 tokens
+    greedy = Sampling(temperature=0.0, max_new_tokens=48)   # the longest references ("which" answers) are ~40 tokens
     results = []
     for rec in records:
         images = [load_image(p) for p in rec["paths"]]
