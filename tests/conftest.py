@@ -69,3 +69,61 @@ def tiny_vlm(tiny_clip_dir):
     torch.manual_seed(0)
     cfg = tiny_config(vision_model_path=tiny_clip_dir)
     return MiniMindVLM(cfg, VisionEncoder.from_pretrained(tiny_clip_dir)).eval()
+
+
+# ---------------------------------------------------------------- the pinned reference model
+def _fill_seeded(module, generator, scale):
+    """Overwrite every parameter with seeded normal values of std scale / sqrt(fan_in), in name
+    order: the values depend on this seed alone, not on a library's init code."""
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if name.endswith("norm.weight") or "layer_norm" in name or "layernorm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                fan_in = p.shape[-1] if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=generator) * scale / fan_in ** 0.5)
+
+
+def reference_vlm(tmp_dir):
+    """The fixed tiny VLM behind tests/test_reference.py (tiny CLIP saved to tmp_dir)."""
+    from model.vision import VisionEncoder
+    from model.vlm import MiniMindVLM
+
+    clip_dir = save_tiny_clip(os.path.join(str(tmp_dir), "reference-clip"))
+    encoder = VisionEncoder.from_pretrained(clip_dir)
+    g = torch.Generator().manual_seed(1234)
+    _fill_seeded(encoder.clip, g, 1.0)
+    model = MiniMindVLM(tiny_config(vision_model_path=clip_dir), encoder)
+    _fill_seeded(model, g, 2.0)
+    return model.eval()
+
+
+def reference_inputs():
+    """Prompts (token ids, some with pictures) for the pinned reference."""
+    from model.config import IMAGE_PLACEHOLDER_IDS as P
+
+    g = torch.Generator().manual_seed(99)
+    pixels = torch.randn(3, 3, 224, 224, generator=g)
+    one = [1, 320, 275, 201] + P + [201, 4567, 890, 2345, 2, 201, 1, 1078, 538, 201]
+    text = [1, 320, 275, 201, 3456, 789, 1234, 2, 201, 1, 1078, 538, 201]
+    two = [1, 320, 275, 201] + P + [201] + P + [201, 777, 2, 201, 1, 1078, 538, 201]
+    width = max(map(len, (one, text, two)))
+    left = [[0] * (width - len(r)) + r for r in (one, text, two)]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in (one, text, two)]
+    labels = [[-100] * (len(one) - 4) + one[-4:], [-100] * (len(text) - 5) + text[-5:] ]
+    loss_ids = [one, text + [0] * (len(one) - len(text))]
+    labels[1] += [-100] * (len(one) - len(text))
+    return {
+        "generate": {
+            "one_picture": {"input_ids": torch.tensor([one]), "pixel_values": pixels[:1]},
+            "text_only": {"input_ids": torch.tensor([text])},
+            "two_pictures": {"input_ids": torch.tensor([two]), "pixel_values": pixels[1:3]},
+            "penalty": {"input_ids": torch.tensor([one]), "pixel_values": pixels[:1],
+                        "repetition_penalty": 1.3},
+            "no_cache": {"input_ids": torch.tensor([two]), "pixel_values": pixels[1:3], "use_cache": False},
+            "batched_left_padded": {"input_ids": torch.tensor(left), "attention_mask": torch.tensor(mask),
+                                    "pixel_values": pixels},
+        },
+        "loss": {"input_ids": torch.tensor(loss_ids), "labels": torch.tensor(labels),
+                 "pixel_values": pixels[:1]},
+    }

@@ -1,0 +1,57 @@
+"""Greedy answers and the training loss of fixed weights, pinned against a stored reference.
+
+The reference (tests/data/greedy_reference.json) was written by the code as it stood before the
+forward was restructured (issue 10). Every later change to the model (fused matmuls, a new
+forward, a compiled decode step) must still give the same tokens, so this test is the contract.
+Weights come from `reference_vlm` in conftest: every tensor drawn from one seeded generator, so
+they do not depend on how transformers initialises a CLIP. Regenerate (only on purpose) with
+`python tests/test_reference.py`.
+"""
+import json
+import os
+
+import torch
+
+from conftest import ROOT, reference_inputs, reference_vlm
+
+REFERENCE = os.path.join(ROOT, "tests", "data", "greedy_reference.json")
+
+
+def compute(tmp_dir):
+    model = reference_vlm(tmp_dir)
+    cases = reference_inputs()
+    out = {}
+    with torch.no_grad():
+        for name, case in cases["generate"].items():
+            tokens = model.generate(case["input_ids"], attention_mask=case.get("attention_mask"),
+                                    max_new_tokens=24, eos_token_id=-1,
+                                    repetition_penalty=case.get("repetition_penalty", 1.0),
+                                    use_cache=case.get("use_cache", True),
+                                    pixel_values=case.get("pixel_values"))
+            out[name] = tokens.tolist()
+        batch = cases["loss"]
+        out["loss"] = float(model(batch["input_ids"], labels=batch["labels"],
+                                  pixel_values=batch["pixel_values"]).loss)
+    return out
+
+
+def test_greedy_answers_and_loss_match_the_stored_reference(tmp_path):
+    with open(REFERENCE, encoding="utf-8") as f:
+        expected = json.load(f)
+    got = compute(tmp_path)
+    for name in expected:
+        if name != "loss":
+            assert got[name] == expected[name], name
+    assert abs(got["loss"] - expected["loss"]) <= 1e-4 * abs(expected["loss"])
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    with tempfile.TemporaryDirectory() as tmp:
+        result = compute(tmp)
+    with open(REFERENCE, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+    print(json.dumps(result)[:400])
