@@ -18,10 +18,26 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from model.config import size_tag  # noqa: E402
 from model.inference import (  # noqa: E402
-    DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, ImageError, Sampling,
-    UserError, list_images, load_image, load_model, resolve_weights, stream_answer)
+    DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, Sampling, UserError, list_images,
+    load_model, resolve_weights, stream_answer)
 from model.prompt import load_tokenizer  # noqa: E402
+from model.vision import ImageError, load_image  # noqa: E402
+
+
+def number_in(kind, low, high=None, low_open=False):
+    """An argparse type: a `kind` number in [low, high] ((low, high] with low_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high) or value != value:
+            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+    return parse
 
 
 def parse_args(argv=None):
@@ -33,8 +49,6 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default=DEFAULT_OUT_DIR)
     p.add_argument("--dim", type=int, default=512, help="picks the file name with --weight NAME")
     p.add_argument("--use_moe", action="store_true", help="picks the *_moe_* file with --weight NAME")
-    p.add_argument("--n_layers", type=int, default=None,
-                   help="accepted for compatibility; the layer count is read from the weights")
     p.add_argument("--vision_model", default=None,
                    help="CLIP folder (default: the one an export recorded, else "
                         "model/vision_model/clip-vit-base-patch32, or demo-clip for demo weights)")
@@ -45,11 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--interactive", action="store_true",
                    help="multi-turn chat about the first picture (all of them with --multi); "
                         "questions come from stdin, an empty line or `exit` ends")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=d.top_k, help="0 = off")
-    p.add_argument("--top_p", type=float, default=d.top_p)
-    p.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty)
-    p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=number_in(float, 0), default=d.temperature, help="0 = greedy")
+    p.add_argument("--top_k", type=number_in(int, 0), default=d.top_k, help="0 = off")
+    p.add_argument("--top_p", type=number_in(float, 0, 1, low_open=True), default=d.top_p, help="in (0, 1]")
+    p.add_argument("--repetition_penalty", type=number_in(float, 0, low_open=True), default=d.repetition_penalty,
+                   help="> 0; 1 = off")
+    p.add_argument("--max_new_tokens", type=number_in(int, 1), default=d.max_new_tokens)
     p.add_argument("--json", action="store_true", help="one JSON line per answer")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=None)
@@ -100,8 +115,12 @@ def interactive(model, tokenizer, pictures, sampling, as_json):
             break
         if not question or question.lower() in ("exit", "quit"):
             break
-        # At a terminal the question is on screen already; piped input gets it echoed.
-        reply = ask(model, tokenizer, pictures, question, history, sampling, as_json, header=not tty)
+        try:
+            # At a terminal the question is on screen already; piped input gets it echoed.
+            reply = ask(model, tokenizer, pictures, question, history, sampling, as_json, header=not tty)
+        except UserError as e:   # e.g. a question too long to fit: say so, keep the conversation
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
 
 
@@ -113,7 +132,7 @@ def main(argv=None) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                         args.max_new_tokens)
     try:
-        weights = resolve_weights(args.weight, args.out_dir, f"{args.dim}{'_moe' if args.use_moe else ''}")
+        weights = resolve_weights(args.weight, args.out_dir, size_tag(args.dim, args.use_moe))
         pictures = load_pictures(args.image or [EVAL_MULTI_IMAGES if args.multi else EVAL_IMAGES])
         if not pictures:
             raise UserError("no readable pictures to ask about")

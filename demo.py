@@ -23,7 +23,7 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
-from dataset.demo_data import generate_demo_data, make_demo_clip, names_colour_and_shape, score_answer  # noqa: E402
+from demo_shapes import generate_demo_data, make_demo_clip, names_colour_and_shape, score_answer  # noqa: E402
 from model.config import VLMConfig  # noqa: E402
 
 DEMO_CLIP = os.path.join(ROOT, "model", "vision_model", "demo-clip")
@@ -34,11 +34,11 @@ CHANCE = {"caption": 1 / 54, "colour": 1 / 6, "shape": 1 / 3, "position": 1 / 5,
 # Sizes and schedule of a run. "full" aims at the accuracy targets in the README; "quick" is the
 # CI smoke test: the same pipeline with less data and fewer steps.
 PLANS = {
-    # What the tiny model needs most is steps: shape (circle vs square) is learned late, after
-    # ~900 caption steps. Epochs over cached pictures are the cheapest steps (each new picture
-    # costs a CLIP forward), and they do not overfit at this size.
-    # The two-picture stage takes batches of 16: twice the updates for ~12% more time did more
-    # for "which picture has X?" (measured 80% -> 88% on 200 held-out pairs) than another epoch.
+    # What the tiny model needs most is steps: shape (circle vs square) is learned late. Epochs
+    # over cached pictures are the cheapest steps (each new picture costs a CLIP forward), and
+    # they do not overfit at this size.
+    # The two-picture stage takes batches of 16: the extra updates help "which picture has X?"
+    # more than another epoch would. What was measured: docs/demo_notes.md.
     "full": dict(n_pretrain=6000, n_sft=5000, n_multi=3000, n_rehearsal=500, n_heldout=480,
                  pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=1, lr=2e-3, batch_size=32),
                  multi=dict(epochs=5, lr=2e-3, batch_size=16)),
@@ -67,7 +67,8 @@ def evaluate(weights, records, device):
     """Greedy answers of `weights` to held-out `records`, through the CLI's inference code."""
     import torch
 
-    from model.inference import Sampling, answer, load_image, load_model
+    from model.inference import Sampling, answer, load_model
+    from model.vision import load_image
     from model.prompt import load_tokenizer
 
     torch.manual_seed(0)

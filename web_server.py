@@ -17,8 +17,9 @@ import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
 from model.inference import (  # noqa: E402
-    DEFAULT_QUESTION, EVAL_IMAGES, WEIGHTS_HINT, ImageError, Sampling, UserError, count_parameters,
-    find_checkpoints, list_images, load_image, load_model, stream_answer)
+    DEFAULT_QUESTION, EVAL_IMAGES, WEIGHTS_HINT, Sampling, UserError, count_parameters, find_checkpoints,
+    list_images, load_model, stream_answer)
+from model.vision import ImageError, load_image  # noqa: E402
 
 OUT_DIR = os.environ.get("MINIMIND_OUT_DIR", os.path.join(ROOT, "out"))
 VISION_MODEL = os.environ.get("MINIMIND_VISION_MODEL") or None

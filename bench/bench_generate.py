@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model.config import VLMConfig  # noqa: E402
-from model.inference import DEFAULT_QUESTION, EVAL_IMAGES, build_prompt_ids, list_images, load_image  # noqa: E402
+from model.inference import DEFAULT_QUESTION, EVAL_IMAGES, build_prompt_ids, list_images  # noqa: E402
+from model.vision import load_image  # noqa: E402
 from model.prompt import load_tokenizer  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 

@@ -13,11 +13,12 @@ An empty "image" string means a text-only record (no marks allowed then).
 
 Bad data is skipped, never fatal (unless strict=True), in two places:
 * at construction, cheap checks (JSON, UTF-8, fields, turn order, mark/image counts, files exist
-  and are not empty) drop bad records and log one warning line each;
+  inside the images folder and are not empty) drop bad records and log one warning line each;
 * in __getitem__, costly checks (full image decode, token length) return a `Skipped` object
-  instead of raising. DataLoader workers cannot update the parent's counters, so the skip
-  travels inside the batch (`batch["skipped"]`); the trainer hands each pair back to
-  `dataset.report(ref, reason)` in the main process so `summary()` counts it.
+  instead of raising, even with strict=True. DataLoader workers cannot update the parent's
+  counters (nor stop a run in one line), so the skip travels inside the batch
+  (`batch["skipped"]`); the trainer hands each pair back to `dataset.report(ref, reason)` in
+  the main process, which counts it (or, strict, raises the one-line error).
 Every reason reads "<kind>" or "<kind>: <detail>"; `summary()` counts problems per kind.
 """
 import json
@@ -29,15 +30,14 @@ from functools import partial
 from typing import Callable, List, Optional, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from model.config import IMAGE_MARK
+from model.config import IGNORE_INDEX, IMAGE_MARK
 from model.prompt import count_placeholders, encode_conversation
+from model.vision import ImageError, load_image
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label value that the loss ignores (HF / torch cross_entropy convention)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TEMPLATE_TOKENS_PER_TURN = 8  # rough cost of "<s>user\n ... </s>\n" in `approx_lengths`
 
@@ -108,22 +108,6 @@ def read_records(path: str):
                 yield ref, None, f"malformed JSON: {e.msg} at column {e.colno}"
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB; raise _Bad if that fails.
-
-    `load()` decodes every pixel now, so a truncated file fails here (lazily opened PIL images
-    would only fail later, inside preprocess). Any exception means the file is unusable.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode == "P":  # palette transparency must pass through RGBA to convert cleanly
-                img = img.convert("RGBA")
-            return img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        raise _Bad(f"image cannot be decoded: {path} ({type(e).__name__}: {e})") from None
-
-
 def summarize(problems, header: str = "") -> str:
     """A short multi-line text: the header, then how many problems of each kind."""
     counts = Counter(reason.partition(":")[0] for _, reason in problems)
@@ -145,7 +129,7 @@ class VLMDataset(Dataset):
     def __init__(self, data_path: str, images_dir: str, tokenizer, image_ids: Sequence[int],
                  max_seq_len: int = 512, max_turns: Optional[int] = None, image_prefix: str = "",
                  max_images: Optional[int] = None, strict: bool = False,
-                 image_mode: str = "pixels", preprocess: Optional[Callable] = None):
+                 image_mode: str = "pixels", preprocess: Optional[Callable] = None, log_problems: bool = True):
         if image_mode not in ("pixels", "paths"):
             raise ValueError(f"image_mode must be 'pixels' or 'paths', not {image_mode!r}")
         if image_mode == "pixels" and preprocess is None:
@@ -163,9 +147,11 @@ class VLMDataset(Dataset):
         self.strict = strict
         self.image_mode = image_mode
         self.preprocess = preprocess
+        self.log_problems = log_problems  # under torchrun only rank 0 logs; every rank counts
 
         self.problems: List[tuple] = []  # (record_ref, reason), one per bad record
         self._reported = set()
+        self._shared = 0  # problems[:_shared] are known to every rank (see take_new_problems)
         self._file_sizes = {}  # one stat per file, even when many records share an image
         self.samples = []  # (ref, record id, messages, absolute image paths)
         self.n_read = 0
@@ -182,6 +168,7 @@ class VLMDataset(Dataset):
                 continue
             self.samples.append((ref, record.get("id"), messages, paths))
         self._file_sizes = {}  # only needed while loading; don't ship it to every worker
+        self._shared = len(self.problems)  # every rank finds the same load-time problems
         # Cheap length estimates for length-grouped batching: about one token per character
         # (true for Chinese, generous for English) plus the placeholder of every image.
         self.approx_lengths = [self._approx_length(s[2]) for s in self.samples]
@@ -200,7 +187,13 @@ class VLMDataset(Dataset):
             return
         self._reported.add(ref)
         self.problems.append((ref, reason))
-        logger.warning("%s", message)
+        if self.log_problems:
+            logger.warning("%s", message)
+
+    def take_new_problems(self) -> List[tuple]:
+        """Problems found since the last call, for sharing with the other ranks."""
+        new, self._shared = self.problems[self._shared:], len(self.problems)
+        return new
 
     def drop_images(self, bad: dict) -> None:
         """Drop (and report) every record that uses a picture of `bad` ({path: reason}): the
@@ -281,7 +274,7 @@ class VLMDataset(Dataset):
                        f"but {len(names)} image(s)")
         if self.max_images is not None and len(names) > self.max_images:
             raise _Bad(f"too many images: {len(names)} > max_images={self.max_images}")
-        paths = [os.path.join(self.images_dir, self.image_prefix + n) for n in names]
+        paths = [self._image_path(n) for n in names]
         for path in paths:
             size = self._file_size(path)
             if size is None:
@@ -289,6 +282,14 @@ class VLMDataset(Dataset):
             if size == 0:
                 raise _Bad(f"image file is empty (0 bytes): {path}")
         return messages, paths
+
+    def _image_path(self, name: str) -> str:
+        """The file of picture `name`, which must lie inside the images folder: a dataset must
+        not make training read files from elsewhere ("../../secret.png", "/etc/x.png")."""
+        path = os.path.normpath(os.path.join(self.images_dir, self.image_prefix + name))
+        if os.path.isabs(name) or not path.startswith(self.images_dir + os.sep):
+            raise _Bad(f"image path outside the images folder: {name!r}")
+        return path
 
     def _limit_turns(self, messages):
         return messages if self.max_turns is None else messages[: 2 * self.max_turns]
@@ -336,15 +337,17 @@ class VLMDataset(Dataset):
             if self.image_mode == "pixels":
                 item["pixel_values"] = self._pixels(item["image_paths"])
         except _Bad as bad:
-            if self.strict:
-                self.report(ref, str(bad))  # raises
             return Skipped(index, ref, str(bad))
         return item
 
     def _pixels(self, paths) -> Optional[torch.Tensor]:
         if not paths:
             return None
-        pixels = self.preprocess([load_rgb(p) for p in paths])
+        try:
+            images = [load_image(p) for p in paths]
+        except ImageError as e:
+            raise _Bad(f"image cannot be decoded: {e}") from None
+        pixels = self.preprocess(images)
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or len(pixels) != len(paths):
             raise TypeError(f"preprocess must return a tensor [{len(paths)}, 3, H, W], "
                             f"got {getattr(pixels, 'shape', type(pixels))}")

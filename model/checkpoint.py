@@ -4,11 +4,14 @@ Loading is strict: a missing or unexpected key is an error that lists the keys, 
 silent `strict=False` is how a wrong file turns into a model that speaks nonsense. Only the
 known harmless differences of old files are normalised away (see `normalize_state_dict`).
 """
+import errno
+import glob
+import io
 import logging
 import os
 import re
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -24,22 +27,48 @@ class CheckpointError(ValueError):
     pass
 
 
+def _temp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}.tmp-"
+
+
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, then rename: a killed run never leaves a
-    half-written checkpoint behind."""
+    """Write `obj` to a temp file next to `path`, then rename it over `path`: a killed run or a
+    full disk never leaves a half-written checkpoint under the real name, and the previous one
+    stays intact until the new one is complete.
+
+    The object is serialised in memory first and written with plain file writes, so a full
+    disk is reported as what it is (torch.save straight to a file reports "unexpected pos").
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            previous = (f"the previous {path} is intact" if os.path.exists(path) else f"no earlier {path} existed")
+            raise CheckpointError(f"no space left on the device of {folder} while saving {path} "
+                                  f"({len(buffer.getbuffer()) / 1e6:.0f} MB); {previous}") from None
         raise
+
+
+def remove_stale_temp_files(path: str) -> List[str]:
+    """Delete the temp files that a run killed while saving `path` left behind (only ours: they
+    are named after `path`). Returns what was removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    stale = glob.glob(os.path.join(glob.escape(folder), glob.escape(_temp_prefix(path)) + "*"))
+    for tmp in stale:
+        os.unlink(tmp)
+        log.info("removed %s, left by a run stopped while saving", tmp)
+    return stale
 
 
 # The exported transformers model keeps our VLM as its `.model` attribute (modeling_minimind_v.py).
@@ -93,10 +122,25 @@ def normalize_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return out
 
 
-def config_from_state_dict(sd: Dict[str, torch.Tensor], **overrides) -> VLMConfig:
+REQUIRED_KEYS = ("tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.attention.wk.weight",
+                 "norm.weight")
+
+
+def check_minimind_keys(sd: Dict[str, torch.Tensor], name: str):
+    """One line instead of a KeyError when a file holds another model's weights (or none)."""
+    missing = [k for k in REQUIRED_KEYS if k not in sd]
+    if not missing and any(re.match(r"layers\.0\.feed_forward\.(w1|experts\.0\.w1)\.weight$", k) for k in sd):
+        return
+    found = ", ".join(sorted(sd)[:5]) + (f" ... ({len(sd)} keys)" if len(sd) > 5 else "") if sd else "no keys at all"
+    raise CheckpointError(f"not a MiniMind-V checkpoint: {name} lacks {', '.join(missing) or 'the feed-forward weights'}"
+                          f" (it holds {found})")
+
+
+def config_from_state_dict(sd: Dict[str, torch.Tensor], name: str = "state_dict", **overrides) -> VLMConfig:
     """Infer the size of the model that wrote `sd` (dim, layers, heads of the kv projections,
     MoE, projector bias), so inference needs no size flags. The number of query heads is not in
     the shapes: it comes from the preset of the same size (16 for unknown sizes, see heads_for)."""
+    check_minimind_keys(sd, name)
     vocab, dim = sd["tok_embeddings.weight"].shape
     n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
     n_heads = overrides.pop("n_heads", heads_for(dim, n_layers)[0])
@@ -169,7 +213,8 @@ def build_vlm(weights: Optional[str] = None, config: Optional[VLMConfig] = None,
 
     sd = read_state_dict(weights) if weights else None
     if config is None:
-        config = config_from_state_dict(sd, **config_overrides) if sd is not None else VLMConfig(**config_overrides)
+        config = (config_from_state_dict(sd, weights, **config_overrides) if sd is not None
+                  else VLMConfig(**config_overrides))
     if vision_model_path:
         config.vision_model_path = vision_model_path
     encoder = VisionEncoder.from_pretrained(config.vision_model_path, layer=config.vision_layer,

@@ -3,8 +3,14 @@
 Sizes are chosen with named presets (see PRESETS), never by editing defaults in source.
 """
 import math
+import os
 
 from transformers import PretrainedConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the real CLIP ViT-B/32 folder goes, and where the offline demo writes its small encoder.
+DEFAULT_VISION_MODEL = os.path.join(REPO_ROOT, "model", "vision_model", "clip-vit-base-patch32")
+DEMO_VISION_MODEL = os.path.join(REPO_ROOT, "model", "vision_model", "demo-clip")
 
 # `<` * 25 + `>` * 25: the span in the prompt that the 50 visual tokens overwrite.
 # In the MiniMind tokenizer `<` is id 30 and `>` is id 32 (tests check this).
@@ -12,6 +18,8 @@ IMAGE_PLACEHOLDER = "<" * 25 + ">" * 25
 IMAGE_PLACEHOLDER_IDS = [30] * 25 + [32] * 25
 # What users and datasets write in a prompt to say "a picture goes here".
 IMAGE_MARK = "<image>"
+# Label of a position without a target: the loss skips it (the HF / torch convention).
+IGNORE_INDEX = -100
 
 # The two published sizes, plus small ones for the offline demo and smoke tests. MoE is an
 # orthogonal switch. Weight files hold no config and the head split cannot be read off the
@@ -24,6 +32,11 @@ PRESETS = {
     "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512),
     "tiny": dict(dim=64, n_layers=2, max_seq_len=512),   # smoke tests
 }
+
+
+def size_tag(dim: int, use_moe: bool = False) -> str:
+    """The prefix of output file names, as in the original: `512`, `768_moe`, ..."""
+    return f"{dim}{'_moe' if use_moe else ''}"
 
 
 def heads_for(dim: int, n_layers: int):
@@ -60,7 +73,7 @@ class VLMConfig(PretrainedConfig):
         aux_loss_alpha: float = 0.01,
         seq_aux: bool = True,
         # Vision
-        vision_model_path: str = "./model/vision_model/clip-vit-base-patch32",
+        vision_model_path: str = DEFAULT_VISION_MODEL,
         vision_hidden_size: int = 768,
         vision_layer: int = -1,
         image_token_len: int = 50,
@@ -117,8 +130,7 @@ class VLMConfig(PretrainedConfig):
 
     @property
     def tag(self) -> str:
-        """The prefix of output file names, as in the original: `512`, `768_moe`, ..."""
-        return f"{self.dim}{'_moe' if self.use_moe else ''}"
+        return size_tag(self.dim, self.use_moe)
 
     @classmethod
     def from_preset(cls, name: str, use_moe: bool = False, **overrides) -> "VLMConfig":

@@ -3,7 +3,7 @@ and the demo.
 
 - `resolve_weights` turns `pretrain` / `sft` / `sft_multi`, a `.pth` path or an exported folder
   into a path, `load_model` builds the model from it (the size is read from the weights);
-- `load_image` opens a picture or raises a one-line `ImageError`;
+- pictures are opened with `model.vision.load_image` (one loader for training and chat);
 - `stream_answer` yields the answer text piece by piece (`answer` returns it whole).
 
 Problems a user can fix (a missing file, a picture that is not one) raise `UserError`, whose
@@ -19,15 +19,12 @@ import torch
 from PIL import Image
 
 from .checkpoint import CheckpointError, build_vlm, config_from_state_dict, load_weights, read_state_dict
-from .config import IMAGE_MARK, VLMConfig
-from .prompt import encode_chat_prompt
+from .config import DEFAULT_VISION_MODEL, DEMO_VISION_MODEL, REPO_ROOT, VLMConfig, size_tag
+from .prompt import PICTURE_SLOT, count_placeholders, encode_chat_prompt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT_DIR = "out"
-DEFAULT_VISION_MODEL = os.path.join(ROOT, "model", "vision_model", "clip-vit-base-patch32")
-DEMO_VISION_MODEL = os.path.join(ROOT, "model", "vision_model", "demo-clip")
-EVAL_IMAGES = os.path.join(ROOT, "dataset", "eval_images")
-EVAL_MULTI_IMAGES = os.path.join(ROOT, "dataset", "eval_multi_images", "bird")
+EVAL_IMAGES = os.path.join(REPO_ROOT, "dataset", "eval_images")
+EVAL_MULTI_IMAGES = os.path.join(REPO_ROOT, "dataset", "eval_multi_images", "bird")
 DEFAULT_QUESTION = "这个图片描述的是什么内容？"
 WEIGHT_NAMES = ("pretrain", "sft", "sft_multi")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -38,10 +35,6 @@ log = logging.getLogger("minimind_v")
 
 class UserError(Exception):
     """A problem with the user's input; its message is one self-explaining line."""
-
-
-class ImageError(UserError):
-    pass
 
 
 @dataclass
@@ -55,7 +48,7 @@ class Sampling:
 
 
 # -- which weights ------------------------------------------------------------------------------
-def weight_path(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = "512") -> str:
+def weight_path(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = size_tag(512)) -> str:
     """`sft` -> `out/512_vlm_sft.pth` (the original file names); anything else is a path."""
     return os.path.join(out_dir, f"{tag}_vlm_{name}.pth") if name in WEIGHT_NAMES else name
 
@@ -68,7 +61,7 @@ def is_export_dir(path: str) -> bool:
         return False
 
 
-def resolve_weights(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = "512") -> str:
+def resolve_weights(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = size_tag(512)) -> str:
     path = weight_path(name, out_dir, tag)
     if os.path.isdir(path):
         if not is_export_dir(path):
@@ -141,7 +134,7 @@ def load_model(weights: str, vision_model_path: Optional[str] = None, device: st
             recorded = config.vision_model_path
         else:
             sd = read_state_dict(weights)
-            config, recorded = config_from_state_dict(sd), None
+            config, recorded = config_from_state_dict(sd, weights), None
         vision = vision_model_path or choose_vision_model(config.vision_hidden_size, recorded)
         model = build_vlm(config=config, vision_model_path=vision)
         kind = load_weights(model, sd, name=weights)
@@ -162,22 +155,6 @@ def count_parameters(model) -> int:
 
 
 # -- pictures -----------------------------------------------------------------------------------
-def load_image(source, name: Optional[str] = None) -> Image.Image:
-    """Open a picture (a path or a binary file object) fully, as RGB; anything else -> ImageError."""
-    from .vision import to_rgb
-
-    name = name or getattr(source, "name", None) or str(source)
-    if hasattr(source, "seek"):
-        source.seek(0)   # a file object may have been read already
-    try:
-        with Image.open(source) as image:
-            image.load()   # decode now: a truncated file fails here, not inside the model
-            return to_rgb(image)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        reason = "cannot be read" if isinstance(e, FileNotFoundError) else "is not a readable image"
-        raise ImageError(f"{name} {reason}") from None
-
-
 def list_images(paths: Iterable[str]) -> List[str]:
     """Files as given, folders expanded to the pictures in them (sorted by name)."""
     out = []
@@ -195,16 +172,20 @@ def build_prompt_ids(tokenizer, question: str, n_images: int, history: Sequence[
                      image_ids: Sequence[int] = None, max_tokens: Optional[int] = None) -> List[int]:
     """Ids of `history` (alternating user/assistant messages) + `question`, ready to answer.
 
-    The pictures belong to the conversation, so their `<image>` marks (one per picture, as in the
-    original) go at the start of the first user turn that is kept. When the prompt exceeds
+    The pictures belong to the conversation, so their marks (one per picture, as in the original)
+    go at the start of the first user turn that is kept. `<image>` typed in a question is plain
+    text: pictures come with the request, not from what the user types. When the prompt exceeds
     `max_tokens`, the oldest exchanges are dropped.
     """
     image_ids = image_ids if image_ids is not None else VLMConfig().image_ids
     turns = list(history)
     while True:
         messages = turns + [{"role": "user", "content": question}]
-        messages[0] = dict(messages[0], content=f"{IMAGE_MARK}\n" * n_images + messages[0]["content"])
-        ids = encode_chat_prompt(tokenizer, messages, image_ids)
+        messages[0] = dict(messages[0], content=f"{PICTURE_SLOT}\n" * n_images + messages[0]["content"])
+        ids = encode_chat_prompt(tokenizer, messages, image_ids, mark=PICTURE_SLOT)
+        if count_placeholders(ids, image_ids) != n_images:
+            raise UserError("the conversation spells out the picture placeholder (25 '<' then 25 '>') "
+                            "as text; remove it and ask again")
         if max_tokens is None or len(ids) <= max_tokens:
             return ids
         if not turns:
@@ -238,13 +219,12 @@ def stream_answer(model, tokenizer, images: Sequence[Image.Image], question: str
     device = model.tok_embeddings.weight.device
     budget = model.config.max_seq_len - sampling.max_new_tokens
     ids = build_prompt_ids(tokenizer, question, len(images), history, model.config.image_ids, budget)
-    vision = {}
-    if images:
-        vision["image_features"] = model.vision_encoder(model.vision_encoder.preprocess(list(images)))
-    steps = model.generate(torch.tensor([ids], device=device), max_new_tokens=sampling.max_new_tokens,
-                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+    pixel_values = model.vision_encoder.preprocess(list(images)) if images else None
+    steps = model.generate(torch.tensor([ids], device=device), pixel_values=pixel_values,
+                           max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                           top_k=sampling.top_k, top_p=sampling.top_p,
                            repetition_penalty=sampling.repetition_penalty,
-                           eos_token_id=tokenizer.eos_token_id, stream=True, **vision)
+                           eos_token_id=tokenizer.eos_token_id, stream=True)
     yield from decode_stream(tokenizer, (step[0, 0].item() for step in steps))
 
 

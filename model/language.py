@@ -15,20 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VLMConfig
-
-IGNORE_INDEX = -100   # label of positions without a target (HF / torch convention)
+from .config import IGNORE_INDEX, VLMConfig
 
 
 @dataclass
 class LMOutput:
     # [B, T, vocab]; with labels, only the rows of the positions that have a target [N, vocab]
     logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None       # mean token cross entropy + MoE aux loss (labels given)
-    aux_loss: Optional[torch.Tensor] = None   # MoE load-balancing loss (0 for dense models)
+    loss: Optional[torch.Tensor] = None       # with labels: token cross entropy (+ MoE balancing)
     past_key_values: Optional["KVCache"] = None
-    ce_sum: Optional[torch.Tensor] = None     # summed cross entropy and the number of target
-    n_tokens: Optional[torch.Tensor] = None   # tokens (labels given): for exact global means
 
 
 class KVCache:
@@ -235,7 +230,15 @@ def build_attention_mask(attention_mask: Optional[torch.Tensor], T: int, past_le
     return keep[:, None]
 
 
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions of `labels` the loss scores: position t predicts label t+1 (labels are
+    aligned with the input ids, the HF convention), and IGNORE_INDEX marks no target."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
 class MiniMindLM(nn.Module):
+    """The decoder alone: token ids (or ready embeddings) in, logits (and a loss) out."""
+
     def __init__(self, config: VLMConfig):
         super().__init__()
         self.config = config
@@ -260,121 +263,153 @@ class MiniMindLM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    # The VLM overrides this to splice visual tokens into the embedded prompt.
-    def embed(self, input_ids: torch.Tensor, **vision_inputs) -> torch.Tensor:
-        return self.tok_embeddings(input_ids)
+    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), fused=None):
+        """AdamW over the trainable parameters, decaying only matrices (linear and embedding
+        weights); norms and biases keep their scale, as weight decay would only shrink them."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, fused=fused)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
-                use_cache: bool = False, logits_to_keep: int = 0, **vision_inputs) -> LMOutput:
-        """`past_key_values` (a KVCache, extended in place) holds the positions before input_ids;
-        with use_cache and none given, a new one is started. `attention_mask` covers past and new
-        positions (1 real, 0 padding)."""
-        B, T = input_ids.shape
+    def forward(self, input_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                past_key_values: Optional[KVCache] = None, use_cache: bool = False, logits_to_keep: int = 0,
+                num_items_in_batch=None) -> LMOutput:
+        """Token ids or their embeddings [B, T] -> LMOutput.
+
+        `past_key_values` (a KVCache, extended in place) holds the positions before these; with
+        use_cache and none given, a new one is started. `attention_mask` covers past and new
+        positions (1 real, 0 padding). With `labels` the output has the loss: the summed token
+        cross entropy divided by `num_items_in_batch` (default: this batch's target count; the
+        trainer passes its share of the whole step's count, so that micro-batches and processes
+        add up to one exact mean), plus the MoE balancing loss weighted by the same share.
+        """
+        h = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        T = h.shape[1]
         cache = past_key_values
         if cache is None and use_cache:
             cache = KVCache(len(self.layers), capacity=T)
         past_len = cache.length if cache is not None else 0
         if past_len + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past_len + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        h = self.dropout(self.embed(input_ids, **vision_inputs))
+        h = self.dropout(h)
         rotation = rope_rotation(self.rope_cos[past_len:past_len + T], self.rope_sin[past_len:past_len + T])
-        mask = build_attention_mask(attention_mask, T, past_len, input_ids.device)
-        aux = h.new_zeros((), dtype=torch.float32)
+        mask = build_attention_mask(attention_mask, T, past_len, h.device)
+        aux_loss = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
             h, layer_aux = layer(h, rotation, mask, cache, i)
             if layer_aux is not None:
-                aux = aux + layer_aux
+                aux_loss = aux_loss + layer_aux
         if cache is not None:
             cache.length += T
         h = self.norm(h)
-        if labels is not None:
-            if logits_to_keep:
-                raise ValueError("labels and logits_to_keep do not go together")
-            # labels are aligned with input_ids (HF convention): position t predicts label t+1.
-            # Only positions that have a target go through the vocabulary projection: in a VLM
-            # sample most positions are prompt and image tokens, and that matmul is the
-            # biggest one of a small model.
-            targets = labels[:, 1:]
-            has_target = targets != IGNORE_INDEX
-            logits = self.output(h[:, :-1][has_target])
-            ce_sum = F.cross_entropy(logits.float(), targets[has_target], reduction="sum")
-            n_tokens = has_target.sum()
-            return LMOutput(logits=logits, loss=ce_sum / n_tokens.clamp(min=1) + aux, aux_loss=aux,
-                            ce_sum=ce_sum, n_tokens=n_tokens)
-        if logits_to_keep:   # generation only needs the last position
-            h = h[:, -logits_to_keep:]
-        logits = self.output(h)
-        return LMOutput(logits=logits, aux_loss=aux, past_key_values=cache if use_cache else None)
+        if labels is None:
+            if logits_to_keep:   # generation only needs the last position
+                h = h[:, -logits_to_keep:]
+            return LMOutput(logits=self.output(h), past_key_values=cache if use_cache else None)
+        if logits_to_keep:
+            raise ValueError("labels and logits_to_keep do not go together")
+        # Only positions that have a target go through the vocabulary projection: in a VLM
+        # sample most positions are prompt and picture tokens, and that matmul is the biggest
+        # one of a small model. So with labels, `logits` holds just those rows [N, vocab].
+        targets = labels[:, 1:]
+        has_target = targets != IGNORE_INDEX
+        logits = self.output(h[:, :-1][has_target])
+        ce_sum = F.cross_entropy(logits.float(), targets[has_target], reduction="sum")
+        n_targets = has_target.sum()
+        normaliser = n_targets.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = (ce_sum + aux_loss * n_targets) / normaliser
+        return LMOutput(logits=logits, loss=loss)
 
+    @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: Optional[int] = None,
-                 use_cache: bool = True, stream: bool = False, **vision_inputs):
+                 inputs_embeds: Optional[torch.Tensor] = None, image_positions: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 512, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, eos_token_id: Optional[int] = None, use_cache: bool = True,
+                 stream: bool = False):
         """Sample up to `max_new_tokens` NEW tokens for a batch of (left-padded) prompts.
 
-        temperature 0 means greedy. The caller puts the model in eval mode (generation never
-        flips training state behind the caller's back). Returns a LongTensor [B, n_new] (finished rows padded with
+        `inputs_embeds` [B, T, dim] replaces the prompt's token embeddings (the VLM passes the
+        prompt with its pictures spliced in); `image_positions` [B, T] marks the prompt positions
+        that hold picture tokens, which the repetition penalty leaves alone. temperature 0 means
+        greedy. The caller puts the model in eval mode (generation never flips training state
+        behind the caller's back). Returns a LongTensor [B, n_new] (finished rows padded with
         eos), or with stream=True a generator that yields a [B, 1] tensor per step.
         """
-        steps = self._generate_steps(input_ids, attention_mask, max_new_tokens, temperature, top_k,
-                                     top_p, repetition_penalty, eos_token_id, use_cache, vision_inputs)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+        if inputs_embeds is None:
+            inputs_embeds = self.tok_embeddings(input_ids)
+        steps = self._generate_steps(input_ids, attention_mask, inputs_embeds, image_positions, max_new_tokens,
+                                     temperature, top_k, top_p, repetition_penalty, eos_token_id, use_cache)
         if stream:
             return steps
-        with torch.inference_mode():
-            out = list(steps)
+        out = list(steps)
         return torch.cat(out, dim=1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
 
-    def _generate_steps(self, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                        repetition_penalty, eos_token_id, use_cache, vision_inputs) -> Iterator[torch.Tensor]:
+    def _generate_steps(self, input_ids, attention_mask, embeds, image_positions, max_new_tokens, temperature,
+                        top_k, top_p, repetition_penalty, eos_token_id, use_cache) -> Iterator[torch.Tensor]:
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         B = input_ids.shape[0]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        seen = self._penalty_mask(input_ids, attention_mask) if repetition_penalty != 1.0 else None
         # Without left padding no mask is needed at all: skip building and growing one per step.
-        padded = not bool(attention_mask.all())
+        mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = prompt_tokens(input_ids, self.config.vocab_size, attention_mask, image_positions)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        past = None
+        cache = None
         if use_cache:
-            capacity = min(input_ids.shape[1] + max_new_tokens, self.config.max_seq_len)
-            past = KVCache(len(self.layers), capacity)
-        ids, step_ids = input_ids, input_ids
-        for step in range(max_new_tokens):
+            cache = KVCache(len(self.layers), min(input_ids.shape[1] + max_new_tokens, self.config.max_seq_len))
+        step_embeds = embeds
+        for _ in range(max_new_tokens):
             with torch.inference_mode():
-                out = self(step_ids, attention_mask=attention_mask if padded else None,
-                           past_key_values=past, use_cache=use_cache, logits_to_keep=1,
-                           **(vision_inputs if step == 0 or not use_cache else {}))
-            logits = out.logits[:, -1].float()
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            next_tok = sample_next(logits, temperature, top_k, top_p)
-            next_tok = torch.where(finished, torch.full_like(next_tok, eos), next_tok)
-            finished |= next_tok == eos
+                out = self(inputs_embeds=step_embeds, attention_mask=mask, past_key_values=cache,
+                           use_cache=use_cache, logits_to_keep=1)
+                logits = out.logits[:, -1].float()
+                if seen is not None:
+                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+                next_tok = sample_next(logits, temperature, top_k, top_p)
+                next_tok = torch.where(finished, torch.full_like(next_tok, eos), next_tok)
+                finished |= next_tok == eos
             yield next_tok[:, None]
             if bool(finished.all()):
                 return
-            if seen is not None:
-                seen[torch.arange(B, device=seen.device), next_tok] = True
-            if padded:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            if use_cache:
-                step_ids = next_tok[:, None]
-            else:
-                ids = torch.cat([ids, next_tok[:, None]], dim=1)
-                step_ids = ids
+            with torch.inference_mode():
+                if seen is not None:
+                    seen[torch.arange(B, device=seen.device), next_tok] = True
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+                new_embeds = self.tok_embeddings(next_tok[:, None])
+                # With the cache only the new token goes in; without it, the whole sequence again.
+                step_embeds = new_embeds if use_cache else torch.cat([step_embeds, new_embeds], dim=1)
 
-    def _penalty_mask(self, input_ids, attention_mask):
-        """[B, vocab] bool: text tokens already present in the prompt (padding excluded)."""
-        counts = self._text_positions(input_ids) & attention_mask.bool()
-        seen = torch.zeros(input_ids.shape[0], self.config.vocab_size, dtype=torch.long,
-                           device=input_ids.device)
-        seen.scatter_add_(1, input_ids, counts.long())
-        return seen > 0
 
-    def _text_positions(self, input_ids):
-        """Which prompt positions hold text (the VLM excludes image placeholders)."""
-        return torch.ones_like(input_ids, dtype=torch.bool)
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float):
+    """Reject settings that would silently do nothing or crash mid-generation (NaN, bad k)."""
+    problems = []
+    if max_new_tokens < 0:
+        problems.append(f"max_new_tokens must be >= 0, not {max_new_tokens}")
+    if not temperature >= 0:
+        problems.append(f"temperature must be >= 0 (0 is greedy), not {temperature}")
+    if top_k < 0:
+        problems.append(f"top_k must be >= 0 (0 is off), not {top_k}")
+    if not 0 < top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], not {top_p}")
+    if not repetition_penalty > 0:
+        problems.append(f"repetition_penalty must be > 0 (1 is off), not {repetition_penalty}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def prompt_tokens(input_ids, vocab_size: int, attention_mask=None, image_positions=None) -> torch.Tensor:
+    """[B, vocab] bool: the text tokens present in each prompt (padding and pictures excluded)."""
+    counted = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None:
+        counted &= attention_mask.bool()
+    if image_positions is not None:
+        counted &= ~image_positions
+    seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.long, device=input_ids.device)
+    seen.scatter_add_(1, input_ids, counted.long())
+    return seen > 0
 
 
 def apply_repetition_penalty(logits, seen, penalty: float):

@@ -20,9 +20,14 @@ def load_tokenizer(path: str = TOKENIZER_DIR):
     return AutoTokenizer.from_pretrained(path)
 
 
-def encode_text(tokenizer, text: str, image_ids: Sequence[int]) -> List[int]:
-    """Tokenize `text`, replacing every `<image>` mark with the placeholder ids."""
-    pieces = text.split(IMAGE_MARK)
+# Where chat front ends attach their pictures. A private-use character, so that `<image>` typed by
+# a user is just text (tokenized like any other) and cannot ask for a picture that is not there.
+PICTURE_SLOT = "\ue000"
+
+
+def encode_text(tokenizer, text: str, image_ids: Sequence[int], mark: str = IMAGE_MARK) -> List[int]:
+    """Tokenize `text`, replacing every `mark` (datasets' `<image>`) with the placeholder ids."""
+    pieces = text.split(mark)
     ids: List[int] = []
     for i, piece in enumerate(pieces):
         if i:
@@ -37,9 +42,9 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool) -> str:
                                          add_generation_prompt=add_generation_prompt)
 
 
-def encode_chat_prompt(tokenizer, messages, image_ids: Sequence[int]) -> List[int]:
+def encode_chat_prompt(tokenizer, messages, image_ids: Sequence[int], mark: str = IMAGE_MARK) -> List[int]:
     """Ids of a conversation that ends with a user turn, ready for the model to answer."""
-    return encode_text(tokenizer, render_chat(tokenizer, messages, True), image_ids)
+    return encode_text(tokenizer, render_chat(tokenizer, messages, True), image_ids, mark)
 
 
 def encode_conversation(tokenizer, messages, image_ids: Sequence[int]) -> Tuple[List[int], List[int]]:

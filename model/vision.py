@@ -1,13 +1,19 @@
-"""The frozen vision tower: a transformers CLIP vision model read from a local folder.
+"""Pictures in, CLIP features out: the one image loader, the preprocessing, the frozen tower.
 
-Features are the output of one encoder layer (the last by default), i.e. the hidden states
-*before* CLIP's post-layernorm: 50 x 768 for ViT-B/32 at 224 px (CLS + 7x7 patches). They are
-captured with a forward hook, so any layer can be chosen without changing CLIP's code.
+- `load_image` opens every picture the project reads (training, feature cache, chat, web, demo).
+- `ImagePreprocessor` turns pictures into pixel_values; it needs only the CLIP folder's
+  processor config, so a dataset builds it without the model.
+- `VisionEncoder` is the frozen CLIP vision model. Its features are the output of one encoder
+  layer (the last by default), the hidden states *before* CLIP's post-layernorm: 50 x 768 for
+  ViT-B/32 at 224 px (CLS + 7x7 patches), taken with a forward hook so any layer can be chosen
+  without changing CLIP's code.
 """
 import contextlib
+import io
 import os
 import threading
-from typing import List, Sequence
+import warnings
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,7 +22,7 @@ from torch import nn
 
 REAL_CLIP_HINT = ("download openai/clip-vit-base-patch32 (config.json, preprocessor_config.json, "
                   "model.safetensors or pytorch_model.bin) into that folder, or run "
-                  "`python dataset/demo_data.py` for the small demo encoder")
+                  "`python demo.py` for the small demo encoder")
 
 
 def _quiet_transformers():
@@ -37,14 +43,41 @@ def clip_processor_class():
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """CLIP wants 3-channel RGB; palette, grey, CMYK and alpha images are converted (alpha is
-    composited on white so transparent areas do not turn black)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB") if image.mode != "RGB" else image
+    """PIL's plain convert("RGB"): alpha and palette transparency are dropped (see load_image)."""
+    if image.mode == "RGB":
+        return image
+    with warnings.catch_warnings():
+        # PIL warns that palette transparency "should be converted to RGBA": dropping it is the point.
+        warnings.simplefilter("ignore", UserWarning)
+        return image.convert("RGB")
+
+
+class ImageError(ValueError):
+    """A file that is not a readable picture; the message is one line naming it."""
+
+
+def load_image(source, name: str = None) -> Image.Image:
+    """Open a picture fully as RGB: `source` is a path, encoded bytes or a binary file object.
+
+    Alpha is dropped, not composited (PIL's plain convert("RGB"), as MiniMind-V v1 did), so a
+    transparent pixel keeps the colour stored under it: the published weights saw pictures that
+    way, and training, the feature cache and chat must all see the same pixels.
+    `load()` decodes every pixel now, so a truncated file fails here, not inside the model.
+    """
+    name = name or getattr(source, "name", None) or ("picture bytes" if isinstance(source, bytes) else str(source))
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    elif hasattr(source, "seek"):
+        source.seek(0)   # an uploaded file may have been read already
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return to_rgb(image)
+    except FileNotFoundError:
+        raise ImageError(f"{name} cannot be read: no such file") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for files that are not pictures
+        # The exception's own text often repeats the whole source (an upload's repr): the type says enough.
+        raise ImageError(f"{name} is not a readable picture ({type(e).__name__})") from None
 
 
 class ImagePreprocessor:
@@ -60,7 +93,16 @@ class ImagePreprocessor:
         self.processor, self.size, self.squash = processor, size, squash
         self.direct = self._direct_normalisation() if squash else None
 
+    @classmethod
+    def from_pretrained(cls, path: str, squash: bool = True) -> "ImagePreprocessor":
+        """The preprocessing of the CLIP folder at `path`, read without loading the model."""
+        check_vision_folder(path)
+        _quiet_transformers()
+        processor = clip_processor_class().from_pretrained(path, local_files_only=True)
+        return cls(processor, processor_size(processor), squash)
+
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Pictures (as load_image gives them) -> pixel_values [N, 3, size, size]."""
         images = [to_rgb(im) for im in images]
         if self.squash:
             images = [im.resize((self.size, self.size), Image.BICUBIC) for im in images]
@@ -99,6 +141,18 @@ class ImagePreprocessor:
         return scale, mean, std
 
 
+def check_vision_folder(path: str):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"vision model not found at {path}: {REAL_CLIP_HINT}")
+
+
+def processor_size(processor) -> int:
+    """The square side the processor's pictures come out at (asked of the processor itself: its
+    size settings are spelled differently from one transformers version to the next)."""
+    probe = Image.new("RGB", (32, 32))
+    return int(processor(images=[probe], return_tensors="pt")["pixel_values"].shape[-1])
+
+
 class VisionEncoder(nn.Module):
     """CLIP vision model + image processor, frozen, returning hooked layer features [N, 50, 768]."""
 
@@ -111,10 +165,10 @@ class VisionEncoder(nn.Module):
         # transformers 4.x nests the tower under `.vision_model`; 5.x does not.
         tower = getattr(self.clip, "vision_model", self.clip)
         self.layer_index = layer
-        # Thread-local: the hook hands the features to the forward call of the same thread,
-        # so a web server may encode for several sessions at once.
-        self._local = threading.local()
-        tower.encoder.layers[layer].register_forward_hook(self._capture)
+        self.hooked_layer = tower.encoder.layers[layer]
+        # A hook sees every forward through its layer, whichever thread runs it, so calls from
+        # several threads (web sessions) take turns.
+        self._one_call_at_a_time = threading.Lock()
 
     @property
     def hidden_size(self) -> int:
@@ -127,8 +181,7 @@ class VisionEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, layer: int = -1, squash: bool = True) -> "VisionEncoder":
         """Load from a local folder only: there is never a hub download at run time."""
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"vision model not found at {path}: {REAL_CLIP_HINT}")
+        check_vision_folder(path)
         from transformers import CLIPVisionModel
 
         _quiet_transformers()
@@ -140,19 +193,22 @@ class VisionEncoder(nn.Module):
         # Frozen means frozen: the tower stays in eval mode whatever the trainer says.
         return super().train(False)
 
-    def _capture(self, module, inputs, output):
-        self._local.features = output[0] if isinstance(output, tuple) else output
-
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, H, W] -> features [N, tokens, hidden], all images in one call."""
         pixel_values = pixel_values.to(self.clip.device, self.clip.dtype, non_blocking=True)
         on_cuda = pixel_values.device.type == "cuda"
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-        with amp:
-            self.clip(pixel_values=pixel_values)
-        features, self._local.features = self._local.features, None
-        return features
+        captured = []
 
-    def encode_images(self, images: List[Image.Image]) -> torch.Tensor:
-        return self(self.preprocess(images))
+        def keep_output(module, inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        with self._one_call_at_a_time:
+            handle = self.hooked_layer.register_forward_hook(keep_output)
+            try:
+                with amp:
+                    self.clip(pixel_values=pixel_values)
+            finally:
+                handle.remove()
+        return captured[0]

@@ -1,13 +1,11 @@
 """MiniMind-V: the MiniMind decoder with eyes.
 
-A frozen CLIP turns each image into 50 x 768 features, a linear projector maps them to the
-decoder width, and the 50 projected tokens overwrite the `<`x25 `>`x25 placeholder span that
-the prompt holds for that image.
-
-Inputs for images (any of them, in the order the placeholders appear, row by row):
-- `pixel_values` [N, 3, 224, 224]: encoded by the attached VisionEncoder, all in one call;
-- `image_features` [N, 50, 768]: already encoded (the training feature cache).
-`images_per_sample` [B] optionally checks that every row got as many images as it has spans.
+One picture's way to the loss, top to bottom in `MiniMindVLM.forward`:
+  prompt ids --tok_embeddings--> [B, T, dim]           the `<`x25 `>`x25 span marks each picture
+  pixel_values [N, 3, 224, 224] --frozen CLIP--> [N, 50, 768]   (features of its last layer)
+  --vision_proj--> [N, 50, dim] --splice--> overwrite the N placeholder spans, in reading order
+  --decoder--> logits, and with labels the token cross entropy.
+`image_features` [N, 50, 768] may be given instead of pixel_values (the training feature cache).
 """
 from typing import Optional
 
@@ -15,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import VLMConfig
-from .language import MiniMindLM
+from .language import LMOutput, MiniMindLM
 
 
 class VisionProj(nn.Module):
@@ -29,6 +27,9 @@ class VisionProj(nn.Module):
 
 
 class MiniMindVLM(MiniMindLM):
+    """The decoder (inherited, so the published keys stay top-level) plus the projector; the
+    frozen CLIP tower is attached beside it, outside the state_dict."""
+
     def __init__(self, config: VLMConfig, vision_encoder: Optional[nn.Module] = None):
         super().__init__(config)
         self.vision_proj = VisionProj(config.vision_hidden_size, config.dim, config.vision_proj_bias)
@@ -37,7 +38,6 @@ class MiniMindVLM(MiniMindLM):
         if vision_encoder is not None:
             self.attach_vision_encoder(vision_encoder)
 
-    # -- the frozen vision tower lives beside the model, not inside its state_dict ---------------
     def attach_vision_encoder(self, encoder: nn.Module) -> "MiniMindVLM":
         if encoder.hidden_size != self.config.vision_hidden_size:
             raise ValueError(f"vision model width {encoder.hidden_size} != config.vision_hidden_size "
@@ -53,7 +53,37 @@ class MiniMindVLM(MiniMindLM):
             self.vision_encoder._apply(fn, *args, **kwargs)
         return self
 
-    # -- splice ----------------------------------------------------------------------------
+    # -- the forward, top to bottom -----------------------------------------------------------
+    def forward(self, input_ids: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                image_features: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
+                **decoder_args) -> LMOutput:
+        """`decoder_args` are MiniMindLM.forward's: labels, attention_mask, past_key_values, ..."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+        return super().forward(inputs_embeds=inputs_embeds, **decoder_args)
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+                     image_features: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Prompt ids [B, T] and its pictures -> the decoder's input embeddings [B, T, dim]."""
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
+        h = self.tok_embeddings(input_ids)                              # 1. the prompt's tokens
+        if pixel_values is not None:
+            if self.vision_encoder is None:
+                raise ValueError("pixel_values given but no vision encoder is attached")
+            image_features = self.vision_encoder(pixel_values)          # 2. frozen CLIP [N, 50, 768]
+        rows, starts = self.placeholder_starts(input_ids)
+        n_images = 0 if image_features is None else image_features.shape[0]
+        if rows.numel() != n_images:
+            raise ValueError(f"the prompt has {rows.numel()} image placeholder(s) but {n_images} "
+                             f"image(s) were given")
+        if n_images == 0:
+            return h
+        weight = self.vision_proj.vision_proj[0].weight
+        image_tokens = self.vision_proj(image_features.to(weight.dtype)).to(h.dtype)   # 3. [N, 50, dim]
+        return self.splice(h, rows, starts, image_tokens)              # 4. into the spans
+
+    # -- where the pictures go ----------------------------------------------------------------
     def placeholder_starts(self, input_ids: torch.Tensor):
         """(row, start) of every placeholder span, in reading order, found without Python loops."""
         span = self.image_ids.numel()
@@ -65,39 +95,30 @@ class MiniMindVLM(MiniMindLM):
         # `<`x25 `>`x25 cannot match at two overlapping offsets, so every hit is a distinct span.
         return hits.nonzero(as_tuple=True)
 
-    def _text_positions(self, input_ids):
-        rows, starts = self.placeholder_starts(input_ids)
-        text = torch.ones_like(input_ids, dtype=torch.bool)
-        if rows.numel():
-            cols = starts[:, None] + torch.arange(self.image_ids.numel(), device=input_ids.device)
-            text[rows[:, None], cols] = False
-        return text
+    def span_columns(self, starts: torch.Tensor) -> torch.Tensor:
+        return starts[:, None] + torch.arange(self.image_ids.numel(), device=starts.device)   # [N, span]
 
-    def embed(self, input_ids, pixel_values=None, image_features=None, images_per_sample=None):
-        h = self.tok_embeddings(input_ids)
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("pass pixel_values or image_features, not both")
-        if pixel_values is not None:
-            if self.vision_encoder is None:
-                raise ValueError("pixel_values given but no vision encoder is attached")
-            image_features = self.vision_encoder(pixel_values)
-        rows, starts = self.placeholder_starts(input_ids)
-        n_images = 0 if image_features is None else image_features.shape[0]
-        if rows.numel() != n_images:
-            raise ValueError(f"the prompt has {rows.numel()} image placeholder(s) but {n_images} "
-                             f"image(s) were given")
-        if images_per_sample is not None:
-            spans_per_row = torch.bincount(rows, minlength=input_ids.shape[0])
-            if not torch.equal(spans_per_row.cpu(), images_per_sample.cpu()):
-                raise ValueError(f"placeholders per sample {spans_per_row.tolist()} != images per "
-                                 f"sample {images_per_sample.tolist()}")
-        if n_images == 0:
-            return h
-        tokens = image_features.to(self.vision_proj.vision_proj[0].weight.dtype)
-        projected = self.vision_proj(tokens).to(h.dtype)             # [N, span, dim]
-        span = self.image_ids.numel()
-        if projected.shape[1] != span:
-            raise ValueError(f"image features have {projected.shape[1]} tokens, placeholder has {span}")
-        cols = starts[:, None] + torch.arange(span, device=h.device)  # [N, span]
+    def splice(self, h, rows, starts, image_tokens):
+        if image_tokens.shape[1] != self.image_ids.numel():
+            raise ValueError(f"image features have {image_tokens.shape[1]} tokens, placeholder has "
+                             f"{self.image_ids.numel()}")
+        cols = self.span_columns(starts)
         # Out-of-place so autograd sees text embeddings and projector both.
-        return h.index_put((rows[:, None].expand_as(cols), cols), projected)
+        return h.index_put((rows[:, None].expand_as(cols), cols), image_tokens)
+
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool: True where a picture token sits (inside a placeholder span)."""
+        rows, starts = self.placeholder_starts(input_ids)
+        positions = torch.zeros_like(input_ids, dtype=torch.bool)
+        if rows.numel():
+            cols = self.span_columns(starts)
+            positions[rows[:, None].expand_as(cols), cols] = True
+        return positions
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+                 image_features: Optional[torch.Tensor] = None, **generate_args):
+        """MiniMindLM.generate with pictures: they are encoded and spliced in once, for the prompt."""
+        embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+        return super().generate(input_ids, inputs_embeds=embeds, image_positions=self.image_positions(input_ids),
+                                **generate_args)

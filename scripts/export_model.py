@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model.checkpoint import EXPORT_PREFIX  # noqa: E402
+from model.config import size_tag  # noqa: E402
 from model.inference import UserError, load_model, resolve_weights  # noqa: E402
 from model.prompt import TOKENIZER_DIR  # noqa: E402
 
@@ -62,9 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--out_dir", default=None, help="default: out/minimind-v-{dim}[_moe]-hf")
     p.add_argument("--vision_model", default=None, help="CLIP folder to record in the config")
     args = p.parse_args(argv)
-    tag = f"{args.dim}{'_moe' if args.use_moe else ''}"
     try:
-        weights = resolve_weights(args.weight, args.weights_dir, tag)
+        weights = resolve_weights(args.weight, args.weights_dir, size_tag(args.dim, args.use_moe))
         if os.path.isdir(weights):
             raise UserError(f"{weights} is already an exported folder")
         out_dir = export(weights, args.out_dir, args.vision_model)

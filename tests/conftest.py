@@ -2,11 +2,14 @@
 
 Nothing here downloads anything; every model is built from a seed and written to a temp folder.
 """
+import json
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -14,9 +17,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(2)
 
+from model.checkpoint import atomic_save, model_state_dict  # noqa: E402
 from model.config import VLMConfig  # noqa: E402
 
+EVAL = os.path.join(ROOT, "dataset", "eval_images")
+CLI = os.path.join(ROOT, "3-eval_chat.py")
+
 TINY_CLIP_HIDDEN = 32
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs (demo, benchmarks); `-m 'not slow'` skips them")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(no_gpu)
 
 
 def save_tiny_clip(path, hidden=TINY_CLIP_HIDDEN, seed=0):
@@ -127,3 +148,79 @@ def reference_inputs():
         "loss": {"input_ids": torch.tensor(loss_ids), "labels": torch.tensor(labels),
                  "pixel_values": pixels[:1]},
     }
+
+
+# ---------------------------------------------------------------- checkpoints and the CLI
+def save_tiny_checkpoint(path, seed=0):
+    """A tiny VLM written as a real `.pth`. n_heads=16 is what loading assumes for `.pth` files;
+    the weights are scaled up so that greedy decoding does not repeat a single token."""
+    from model.vlm import MiniMindVLM
+
+    torch.manual_seed(seed)
+    model = MiniMindVLM(tiny_config(n_heads=16, n_kv_heads=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(5)
+    atomic_save(model_state_dict(model), str(path))
+    return str(path)
+
+
+def eval_picture(i=0):
+    return sorted(os.listdir(EVAL))[i]
+
+
+def run_cli(*args, stdin=None, timeout=120):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
+    return subprocess.run([sys.executable, CLI, *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+# ---------------------------------------------------------------- training runs
+COLOURS = {"红色": (220, 30, 30), "绿色": (30, 200, 30), "蓝色": (30, 30, 220), "黄色": (230, 220, 20)}
+
+
+def make_data(folder, n=32, multi=False, name="data.jsonl"):
+    """Records asking for the colour of plain pictures (equal lengths: handy for exact checks)."""
+    img_dir = folder / "imgs"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    records = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        Image.new("RGB", (224, 224), COLOURS[colour]).save(img_dir / f"{i}.png")
+        if multi:
+            other = names[(i + 1) % len(names)]
+            records.append({"id": i, "image": f"{i}.png, {(i + 1) % n}.png", "conversations": [
+                {"from": "human", "value": "<image>\n<image>\n两张图片的颜色？"},
+                {"from": "gpt", "value": f"{colour}和{other}。"}]})
+        else:
+            records.append({"id": i, "image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\n这是什么颜色？"},
+                {"from": "gpt", "value": f"这是{colour}。"}]})
+    path = folder / name
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    return str(path), str(img_dir)
+
+
+def common(data, clip, out, *extra):
+    return ["--preset", "tiny", "--data_path", data[0], "--images_path", data[1], "--vision_model", clip,
+            "--out_dir", str(out), "--batch_size", "4", "--num_workers", "0", "--log_interval", "1",
+            "--no_progress", "--learning_rate", "3e-3", *extra]
+
+
+def run_stage(stage, argv):
+    from trainer.trainer import build_parser, resolve, train
+
+    return train(resolve(build_parser(stage).parse_args(argv), stage))
+
+
+def history(path):
+    with open(str(path) + ".history.json") as f:
+        return json.load(f)
+
+
+def losses(path):
+    return [h["loss"] for h in history(path) if "loss" in h]
+
+

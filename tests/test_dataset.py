@@ -215,8 +215,10 @@ def test_sample_skipped_when_first_turn_does_not_fit(tok, tmp_path, images):
     assert isinstance(item, Skipped) and item.index == 0
     assert "id='long'" in item.record_ref and "line 1" in item.record_ref
     assert f"longer than max_seq_len={one - 1}" in item.reason and f"{one} tokens" in item.reason
+    strict = make(tok, data, images, max_seq_len=one - 1, strict=True)
+    item = strict[0]      # items never raise (a DataLoader worker could not stop a run in one line)
     with pytest.raises(ValueError, match="longer than max_seq_len"):
-        make(tok, data, images, max_seq_len=one - 1, strict=True)[0]
+        strict.report(item.record_ref, item.reason)   # the main process does, under strict
 
 
 def test_sample_skipped_rather_than_cutting_an_image(tok, tmp_path, images):
@@ -360,12 +362,14 @@ def test_bad_records_in_a_json_list(tok, tmp_path, images):
 
 def test_strict_raises_at_the_first_problem(tok, tmp_path, images):
     path, load, late = bad_dataset(tmp_path, images)
-    with pytest.raises(ValueError, match=rf"line 2: malformed JSON"):
+    with pytest.raises(ValueError, match=r"line 2: malformed JSON"):
         make(tok, path, images, strict=True)
     data = write_jsonl(tmp_path / "lazy.jsonl", [rec("t", "text.jpg", "<image>问", "答")])
     ds = make(tok, data, images, strict=True)
+    item = ds[0]
+    assert isinstance(item, Skipped)
     with pytest.raises(ValueError, match="image cannot be decoded"):
-        ds[0]
+        ds.report(item.record_ref, item.reason)
 
 
 def test_check_data_reports_everything(tok, tmp_path, images, capsys):

@@ -5,8 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from model.config import VLMConfig
+
+pytestmark = pytest.mark.slow
 
 
 def test_quick_demo_learns(tmp_path):
@@ -23,7 +27,7 @@ def test_quick_demo_learns(tmp_path):
     acc, chance = report["accuracy"], report["chance"]
     # The reduced run (about 3 minutes) reliably learns colour, far above chance (1/6); the
     # other question types need the full demo (README).
-    assert acc["colour"] >= 0.8 > 4 * chance["colour"], acc
+    assert acc["colour"] >= max(0.8, 4 * chance["colour"]), acc
     for stage, factor in (("pretrain", 3), ("sft", 3), ("sft_multi", 1.25)):
         history = json.loads((out / f"{tag}_vlm_{stage}.pth.history.json").read_text())
         losses = [h["loss"] for h in history if "loss" in h]

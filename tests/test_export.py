@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
 from model import inference as inf
-from test_inference import EVAL, eval_picture, run_cli, save_tiny_checkpoint
+from model.vision import load_image
+from conftest import EVAL, ROOT, common, eval_picture, make_data, run_cli, run_stage, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_auto_model_gives_identical_logits(exported, ours, tokenizer):
 def test_auto_model_sees_pictures_like_ours(exported, ours, tokenizer):
     from PIL import Image
 
-    images = [inf.load_image(os.path.join(EVAL, eval_picture(i))) for i in (0, 4)]
+    images = [load_image(os.path.join(EVAL, eval_picture(i))) for i in (0, 4)]
     ids = torch.tensor([inf.build_prompt_ids(tokenizer, inf.DEFAULT_QUESTION, 1)])
     pixels = ours.vision_encoder.preprocess(images[:1])
     with torch.no_grad():
@@ -115,7 +115,7 @@ def test_our_loader_and_cli_accept_the_export(export_dir, ours, tokenizer):
     result = run_cli("--weight", export_dir, "--image", picture, "--json", "--temperature", "0",
                      "--max_new_tokens", "8")
     assert result.returncode == 0, result.stderr
-    expected = inf.answer(ours, tokenizer, [inf.load_image(picture)], inf.DEFAULT_QUESTION,
+    expected = inf.answer(ours, tokenizer, [load_image(picture)], inf.DEFAULT_QUESTION,
                           sampling=inf.Sampling(temperature=0, max_new_tokens=8))
     assert json.loads(result.stdout)["answer"] == expected
 
@@ -131,7 +131,6 @@ def test_export_refuses_missing_weights(tmp_path):
 def test_training_starts_from_an_export(export_dir, checkpoint, tiny_clip_dir, tmp_path):
     """An exported folder is accepted wherever a .pth is: same weights, and --init_weight."""
     from model.checkpoint import read_state_dict
-    from test_train import common, make_data, run_stage
 
     from_export, from_pth = read_state_dict(export_dir), read_state_dict(checkpoint)
     assert from_export.keys() == from_pth.keys()

@@ -2,36 +2,14 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from PIL import Image
 
-from conftest import ROOT, tiny_config
+from conftest import EVAL, eval_picture, run_cli, save_tiny_checkpoint, tiny_config
 from model import inference as inf
-from model.checkpoint import atomic_save, model_state_dict
+from model.vision import load_image
 from model.prompt import count_placeholders
-
-EVAL = os.path.join(ROOT, "dataset", "eval_images")
-CLI = os.path.join(ROOT, "3-eval_chat.py")
-
-
-def save_tiny_checkpoint(path, seed=0):
-    """A tiny VLM written as a real `.pth`. n_heads=16 is what loading assumes for `.pth` files;
-    the weights are scaled up so that greedy decoding does not repeat a single token."""
-    from model.vlm import MiniMindVLM
-
-    torch.manual_seed(seed)
-    model = MiniMindVLM(tiny_config(n_heads=16, n_kv_heads=8))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(5)
-    atomic_save(model_state_dict(model), str(path))
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
@@ -43,16 +21,6 @@ def out_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_model(out_dir, tiny_clip_dir):
     return inf.load_model(os.path.join(out_dir, "64_vlm_sft.pth"), tiny_clip_dir)
-
-
-def eval_picture(i=0):
-    return sorted(os.listdir(EVAL))[i]
-
-
-def run_cli(*args, stdin=None, timeout=120):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
-    return subprocess.run([sys.executable, CLI, *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
 
 
 def cli_args(out_dir, clip, *extra):
@@ -106,24 +74,6 @@ def test_vision_model_is_chosen_by_the_projector_width(tiny_clip_dir, tmp_path, 
 
 
 # -- pictures -----------------------------------------------------------------------------------
-def test_load_image_converts_to_rgb_and_rejects_non_images(tmp_path):
-    Image.new("RGBA", (20, 10), (255, 0, 0, 0)).save(tmp_path / "clear.png")
-    image = inf.load_image(str(tmp_path / "clear.png"))
-    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)  # alpha on white
-    Image.new("L", (8, 8)).save(tmp_path / "grey.jpg")
-    assert inf.load_image(str(tmp_path / "grey.jpg")).mode == "RGB"
-
-    (tmp_path / "notes.png").write_text("not a picture")
-    good = (tmp_path / "clear.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
-    for name, reason in [("notes.png", "is not a readable image"), ("cut.png", "is not a readable image"),
-                         ("absent.png", "cannot be read")]:
-        with pytest.raises(inf.ImageError) as err:
-            inf.load_image(str(tmp_path / name))
-        message = str(err.value)
-        assert name in message and reason in message and "\n" not in message
-
-
 def test_list_images_expands_folders(tmp_path):
     for name in ["b.png", "a.JPG", "c.txt", ".hidden.png"]:
         (tmp_path / name).write_bytes(b"")
@@ -166,7 +116,7 @@ def test_decode_stream_never_splits_a_character(tokenizer):
 
 
 def test_streaming_equals_non_streaming(tiny_model, tokenizer):
-    image = inf.load_image(os.path.join(EVAL, eval_picture()))
+    image = load_image(os.path.join(EVAL, eval_picture()))
     greedy = inf.Sampling(temperature=0, max_new_tokens=12)
     pieces = list(inf.stream_answer(tiny_model, tokenizer, [image], "这是什么？", sampling=greedy))
     text = inf.answer(tiny_model, tokenizer, [image], "这是什么？", sampling=greedy)
@@ -176,12 +126,12 @@ def test_streaming_equals_non_streaming(tiny_model, tokenizer):
                                  pixel_values=tiny_model.vision_encoder.preprocess([image]))
     assert text == tokenizer.decode(tokens[0], skip_special_tokens=True)
     # The picture matters: another one gives another answer.
-    other = inf.load_image(os.path.join(EVAL, eval_picture(3)))
+    other = load_image(os.path.join(EVAL, eval_picture(3)))
     assert inf.answer(tiny_model, tokenizer, [other], "这是什么？", sampling=greedy) != text
 
 
 def test_sampling_is_seeded(tiny_model, tokenizer):
-    image = inf.load_image(os.path.join(EVAL, eval_picture()))
+    image = load_image(os.path.join(EVAL, eval_picture()))
     hot = inf.Sampling(temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=10)
     answers = []
     for seed in (1, 1, 2):
@@ -194,7 +144,7 @@ def test_load_model_errors_are_one_line(tmp_path, tiny_clip_dir, out_dir):
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     with pytest.raises(inf.UserError, match="cannot read checkpoint"):
         inf.load_model(str(tmp_path / "bad.pth"), tiny_clip_dir)
-    with pytest.raises(inf.UserError, match=r"vision model not found at .*nowhere.*demo_data\.py"):
+    with pytest.raises(inf.UserError, match=r"vision model not found at .*nowhere.*demo\.py"):
         inf.load_model(os.path.join(out_dir, "64_vlm_sft.pth"), str(tmp_path / "nowhere"))
 
 
@@ -209,12 +159,12 @@ def test_cli_answers_every_picture_and_skips_bad_files(out_dir, tiny_clip_dir, t
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     complaints = [line for line in result.stderr.splitlines() if "broken.png" in line]
-    assert len(complaints) == 1 and "not a readable image" in complaints[0]
+    assert len(complaints) == 1 and "not a readable picture" in complaints[0]
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [os.path.basename(r["image"]) for r in lines] == [eval_picture(0), eval_picture(1)]
     assert all(r["prompt"] == inf.DEFAULT_QUESTION for r in lines)
     # The CLI's greedy answer is the library's.
-    image = inf.load_image(os.path.join(EVAL, eval_picture(0)))
+    image = load_image(os.path.join(EVAL, eval_picture(0)))
     expected = inf.answer(tiny_model, tokenizer, [image], inf.DEFAULT_QUESTION,
                           sampling=inf.Sampling(temperature=0, max_new_tokens=6))
     assert lines[0]["answer"] == expected

@@ -4,13 +4,14 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import TINY_CLIP_HIDDEN, tiny_config
 from model.checkpoint import (CheckpointError, atomic_save, build_vlm, config_from_state_dict,
                               load_weights, model_state_dict, read_state_dict)
 from model.config import IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER_IDS, VLMConfig
-from model.language import apply_repetition_penalty, sample_next
+from model.language import apply_repetition_penalty, prompt_tokens, sample_next
 from model.prompt import count_placeholders, encode_chat_prompt, encode_conversation, encode_text
 from model.vision import VisionEncoder
 from model.vlm import MiniMindVLM
@@ -165,7 +166,7 @@ def test_visual_tokens_land_on_placeholders_only():
     row2 = [11] * len(row0)                          # text only
     ids = torch.tensor([row0, row1, row2])
     feats = torch.randn(3, 50, TINY_CLIP_HIDDEN)
-    h = model.embed(ids, image_features=feats, images_per_sample=torch.tensor([2, 1, 0]))
+    h = model.embed_inputs(ids, image_features=feats)
     proj = model.vision_proj(feats)
     plain = model.tok_embeddings(ids)
     assert torch.allclose(h[0, 2:52], proj[0]) and torch.allclose(h[0, 53:103], proj[1])
@@ -173,17 +174,15 @@ def test_visual_tokens_land_on_placeholders_only():
     is_image = torch.zeros_like(ids, dtype=torch.bool)
     is_image[0, 2:52] = is_image[0, 53:103] = is_image[1, 10:60] = True
     assert torch.equal(h[~is_image], plain[~is_image])
-    assert torch.equal(model._text_positions(ids), ~is_image)
+    assert torch.equal(model.image_positions(ids), is_image)
 
 
 def test_placeholder_image_mismatch_is_an_error():
     model = MiniMindVLM(tiny_config())
     ids = torch.tensor([[5] + IMAGE_PLACEHOLDER_IDS, [6] * 51])
     with pytest.raises(ValueError, match="1 image placeholder"):
-        model.embed(ids, image_features=torch.randn(2, 50, TINY_CLIP_HIDDEN))
-    with pytest.raises(ValueError, match="per sample"):
-        model.embed(ids, image_features=torch.randn(1, 50, TINY_CLIP_HIDDEN), images_per_sample=torch.tensor([0, 1]))
-    assert model.embed(torch.tensor([[5, 6, 7]])).shape == (1, 3, 64)   # image-free batch
+        model.embed_inputs(ids, image_features=torch.randn(2, 50, TINY_CLIP_HIDDEN))
+    assert model.embed_inputs(torch.tensor([[5, 6, 7]])).shape == (1, 3, 64)   # image-free batch
 
 
 def test_gradients_reach_projector_and_llm_not_clip(tiny_vlm, tokenizer):
@@ -318,12 +317,13 @@ def test_repetition_penalty_lowers_negative_and_positive_logits():
 
 
 def test_repetition_penalty_skips_image_placeholder(tiny_vlm, tokenizer):
-    ids = torch.tensor([encode_text(tokenizer, "<image>\n<>", IMAGE_PLACEHOLDER_IDS)])
-    seen = tiny_vlm._penalty_mask(ids, torch.ones_like(ids))
+    def penalised(text):
+        ids = torch.tensor([encode_text(tokenizer, text, IMAGE_PLACEHOLDER_IDS)])
+        return prompt_tokens(ids, tiny_vlm.config.vocab_size, image_positions=tiny_vlm.image_positions(ids))
+
     text_ids = set(tokenizer.encode("\n<>", add_special_tokens=False))
-    assert set(seen[0].nonzero().flatten().tolist()) == text_ids
-    ids = torch.tensor([encode_text(tokenizer, "<image>\n你好", IMAGE_PLACEHOLDER_IDS)])
-    assert not tiny_vlm._penalty_mask(ids, torch.ones_like(ids))[0, 30]
+    assert set(penalised("<image>\n<>")[0].nonzero().flatten().tolist()) == text_ids
+    assert not penalised("<image>\n你好")[0, 30]
 
 
 def test_sampling_filters():
@@ -346,7 +346,8 @@ def test_moe_trains_and_generates():
     losses = []
     for _ in range(15):
         out = model(ids, labels=ids)
-        assert out.aux_loss > 0
+        cross_entropy = F.cross_entropy(out.logits, ids[:, 1:].reshape(-1))
+        assert out.loss > cross_entropy + 1e-4          # the balancing loss is part of training
         opt.zero_grad()
         out.loss.backward()
         opt.step()
@@ -354,7 +355,9 @@ def test_moe_trains_and_generates():
     assert losses[-1] < losses[0] * 0.7
     model.eval()
     assert model.generate(ids[:1], max_new_tokens=6, eos_token_id=-1).shape == (1, 6)
-    assert model(ids).aux_loss == 0      # no balancing loss at inference
+    with torch.no_grad():
+        out = model(ids, labels=ids)     # no balancing loss at inference
+    assert out.loss == pytest.approx(float(F.cross_entropy(out.logits, ids[:, 1:].reshape(-1))), rel=1e-6)
 
 
 def test_head_split_of_a_weight_file_comes_from_the_matching_preset():

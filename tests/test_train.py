@@ -10,58 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, save_tiny_clip
-from trainer.trainer import ResumableBatchSampler, build_parser, lr_at, resolve, train
-
-COLOURS = {"红色": (220, 30, 30), "绿色": (30, 200, 30), "蓝色": (30, 30, 220), "黄色": (230, 220, 20)}
-
-
-def make_data(folder, n=32, multi=False, name="data.jsonl"):
-    """Records asking for the colour of plain pictures (equal lengths: handy for exact checks)."""
-    img_dir = folder / "imgs"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    names = list(COLOURS)
-    records = []
-    for i in range(n):
-        colour = names[i % len(names)]
-        Image.new("RGB", (224, 224), COLOURS[colour]).save(img_dir / f"{i}.png")
-        if multi:
-            other = names[(i + 1) % len(names)]
-            records.append({"id": i, "image": f"{i}.png, {(i + 1) % n}.png", "conversations": [
-                {"from": "human", "value": "<image>\n<image>\n两张图片的颜色？"},
-                {"from": "gpt", "value": f"{colour}和{other}。"}]})
-        else:
-            records.append({"id": i, "image": f"{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\n这是什么颜色？"},
-                {"from": "gpt", "value": f"这是{colour}。"}]})
-    path = folder / name
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
-    return str(path), str(img_dir)
-
+from conftest import ROOT, common, history, losses, make_data, run_stage, save_tiny_clip
+from trainer.trainer import StepSampler, build_parser, lr_at, main
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")
     return make_data(folder)
-
-
-def common(data, clip, out, *extra):
-    return ["--preset", "tiny", "--data_path", data[0], "--images_path", data[1], "--vision_model", clip,
-            "--out_dir", str(out), "--batch_size", "4", "--num_workers", "0", "--log_interval", "1",
-            "--no_progress", "--learning_rate", "3e-3", *extra]
-
-
-def run_stage(stage, argv):
-    return train(resolve(build_parser(stage).parse_args(argv), stage))
-
-
-def history(path):
-    with open(str(path) + ".history.json") as f:
-        return json.load(f)
-
-
-def losses(path):
-    return [h["loss"] for h in history(path) if "loss" in h]
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -72,23 +27,29 @@ def test_lr_schedule_warmup_then_cosine_to_a_tenth():
     assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.1)
 
 
-def test_sampler_shards_global_batches_and_resumes():
-    single = ResumableBatchSampler(40, 8, seed=3)
+def test_sampler_splits_steps_the_same_way_for_any_split_of_the_global_batch():
+    single = StepSampler(42, 8, seed=3)
     single.set_epoch(1)
     ranks = []
     for r in range(2):
-        s = ResumableBatchSampler(40, 4, rank=r, world=2, seed=3)
+        s = StepSampler(42, 4, rank=r, world=2, seed=3)
         s.set_epoch(1)
         ranks.append(list(s))
-    assert [a + b for a, b in zip(*ranks)] == list(single)       # rank slices make the global batch
+    assert [a + b for a, b in zip(*ranks)] == list(single)       # rank slices make the step's batch
+    accumulated = StepSampler(42, 4, accumulation=2, seed=3)
+    accumulated.set_epoch(1)
+    micro = list(accumulated)
+    assert micro[0::2] == ranks[0] and micro[1::2] == ranks[1]    # 1 process x 2 micro-batches == 2 ranks
+    assert len(single) == 5 and len(accumulated) == 10              # the ragged tail (2 of 42) is left out
+    assert sorted(single.left_out(1) + [i for b in single for i in b]) == list(range(42))
     single.set_epoch(2)
     other_epoch = list(single)
-    single.set_epoch(1, start_batch=2)
+    single.set_epoch(1, start_step=2)
     assert list(single) == [a + b for a, b in zip(*ranks)][2:]  # resume skips exactly
     assert other_epoch != [a + b for a, b in zip(*ranks)]       # shuffled anew every epoch
-    grouped = ResumableBatchSampler(40, 4, seed=0, lengths=list(range(40)))
+    grouped = StepSampler(40, 4, seed=0, lengths=list(range(40)))
     spread = [max(b) - min(b) for b in grouped]
-    assert max(spread) <= 10                                    # similar lengths share a batch
+    assert max(spread) <= 10                                    # similar lengths share a step
 
 
 def test_bool_flags_are_real_flags():
@@ -125,10 +86,10 @@ def test_freeze_llm_trains_projector_only(tmp_path, data, tiny_clip_dir):
 
 
 def test_missing_start_weights_is_one_line(tmp_path, data, tiny_clip_dir):
-    with pytest.raises(SystemExit, match="64_vlm_pretrain.pth not found.*previous stage"):
-        run_stage("sft", common(data, tiny_clip_dir, tmp_path))
+    with pytest.raises(SystemExit, match="^error: starting weights .*64_vlm_pretrain.pth not found.*previous stage"):
+        main("sft", common(data, tiny_clip_dir, tmp_path))
     with pytest.raises(SystemExit, match="full_sft"):
-        run_stage("pretrain", common(data, tiny_clip_dir, tmp_path))
+        main("pretrain", common(data, tiny_clip_dir, tmp_path))
 
 
 def test_accumulation_equals_bigger_batch(tmp_path, data, tiny_clip_dir):
@@ -239,7 +200,7 @@ def test_killed_run_resumes_exactly(tmp_path, data, tiny_clip_dir):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    state = torch.load(resume, weights_only=False)
+    state = torch.load(resume, weights_only=True)   # plain tensors and values: nothing can run code
     assert 0 < state["step"] < 32, "the run must be killed mid-way"
     subprocess.run(script_cmd(data, tiny_clip_dir, killed, *args, "--resume"), check=True, cwd=ROOT,
                    capture_output=True, timeout=300)

@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from conftest import ROOT
 from model import inference as inf
-from test_inference import EVAL, eval_picture, save_tiny_checkpoint
+from model.vision import load_image
+from conftest import EVAL, ROOT, eval_picture, save_tiny_checkpoint
 
 APP = os.path.join(ROOT, "web_server.py")
 CHROMIUM = "/usr/bin/chromium"
@@ -65,7 +65,7 @@ def test_chat_flow_with_history(app_env, out_dir, tiny_clip_dir, tokenizer):
     reply = at.chat_message[1].markdown[0].value
     # Greedy: the page shows exactly what the library answers for this picture.
     greedy = inf.Sampling(temperature=0, max_new_tokens=16)
-    image = inf.load_image(os.path.join(EVAL, eval_picture()))
+    image = load_image(os.path.join(EVAL, eval_picture()))
     assert reply.strip() == inf.answer(model, tokenizer, [image], "这是什么？", sampling=greedy).strip()
 
     at.chat_input[0].set_value("再说一遍").run()
@@ -86,11 +86,11 @@ def test_uploads_that_are_not_pictures_show_a_message(app_env):
     at.file_uploader[0].upload("notes.png", b"just some text", "image/png")
     at.file_uploader[0].upload("ok.png", png_bytes((0, 0, 255)), "image/png").run()
     assert not at.exception, at.exception
-    assert [e.value for e in at.error] == ["notes.png is not a readable image"]
+    assert [e.value for e in at.error] == ["notes.png is not a readable picture (UnidentifiedImageError)"]
     at.slider(key="max_new_tokens").set_value(16)
     at.chat_input[0].set_value("颜色？").run()   # the good picture is still usable
     assert not at.exception and len(at.session_state["history"]) == 2
-    assert [e.value for e in at.error] == ["notes.png is not a readable image"]   # ok.png still reads
+    assert [e.value for e in at.error] == ["notes.png is not a readable picture (UnidentifiedImageError)"]   # ok.png still reads
 
 
 def test_missing_weights_say_how_to_get_them(app_env, tmp_path, monkeypatch):

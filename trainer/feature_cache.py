@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dataset.vlm_dataset import load_rgb
+from model.vision import load_image
 
 
 def encoder_fingerprint(encoder) -> str:
@@ -58,7 +58,7 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, i):
         try:
-            return i, self.preprocess([load_rgb(self.paths[i])])[0], None
+            return i, self.preprocess([load_image(self.paths[i])])[0], None
         except Exception as e:  # a corrupt image is reported, never fatal here
             return i, None, f"image unreadable: {self.paths[i]}: {type(e).__name__}: {e}"
 

@@ -2,7 +2,8 @@
 
 Stages differ only in defaults (data, which checkpoint to start from, what to save, what to
 train); everything else - DDP, mixed precision, accumulation, resume, feature cache, logging -
-is this file. Run under torchrun for several GPUs (or CPU processes with gloo):
+is this file. `train()` is the loop; the named pieces it calls are below it, in the order it
+calls them. Run under torchrun for several GPUs (or CPU processes with gloo):
 
     torchrun --nproc_per_node 2 1-pretrain_vlm.py --epochs 1
 """
@@ -12,26 +13,29 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import List
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset.vlm_dataset import IGNORE_INDEX, VLMDataset, make_collate
-from model.checkpoint import atomic_save, load_weights, model_state_dict, read_state_dict
-from model.config import PRESETS, VLMConfig
+from dataset.vlm_dataset import Skipped, VLMDataset, make_collate
+from model.checkpoint import (CheckpointError, atomic_save, load_weights, model_state_dict,
+                              remove_stale_temp_files)
+from model.config import DEFAULT_VISION_MODEL, IGNORE_INDEX, PRESETS, VLMConfig
+from model.language import count_targets
 from model.prompt import load_tokenizer
-from model.vision import VisionEncoder
+from model.vision import ImagePreprocessor, VisionEncoder
 from model.vlm import MiniMindVLM
+from trainer.resume import (FORMAT, Progress, ResumeError, check_same_global_batch, load_resume_state,
+                            rng_state, set_rng_state)
 
 log = logging.getLogger("minimind_v")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     name: str            # pretrain | sft | sft_multi: the output is out/{tag}_vlm_{name}.pth
     init_from: str       # what the default starting weights are called
@@ -44,30 +48,92 @@ class Stage:
 
 
 STAGES = {
-    "pretrain": Stage("pretrain", "llm", "dataset/pretrain_data.jsonl", "dataset/pretrain_images",
-                      4e-4, 4, True, 1),
-    "sft": Stage("sft", "vlm_pretrain", "dataset/sft_data.jsonl", "dataset/sft_images",
-                 1e-5, 4, False, 1),
-    "sft_multi": Stage("sft_multi", "vlm_sft", "dataset/sft_multi_data.jsonl",
-                       "dataset/sft_multi_images", 1e-5, 4, False, 4),
+    "pretrain": Stage(name="pretrain", init_from="llm", data_path="dataset/pretrain_data.jsonl",
+                      images_dir="dataset/pretrain_images", learning_rate=4e-4, epochs=4, freeze_llm=True,
+                      max_images=1),
+    "sft": Stage(name="sft", init_from="vlm_pretrain", data_path="dataset/sft_data.jsonl",
+                 images_dir="dataset/sft_images", learning_rate=1e-5, epochs=4, freeze_llm=False, max_images=1),
+    "sft_multi": Stage(name="sft_multi", init_from="vlm_sft", data_path="dataset/sft_multi_data.jsonl",
+                       images_dir="dataset/sft_multi_images", learning_rate=1e-5, epochs=4, freeze_llm=False,
+                       max_images=4),
 }
 
 
-# --------------------------------------------------------------------------- arguments
+# =========================================================================== the loop
+def train(args) -> int:
+    run = start_run(args)
+    tokenizer = load_tokenizer()
+    if args.check_data:
+        return check_data_only(args, tokenizer)
+    check_outputs_writable(args, run)
+    encoder = VisionEncoder.from_pretrained(args.vision_model, layer=args.config.vision_layer,
+                                            squash=args.config.squash_images)
+    model, ddp_model = build_model(args, run, encoder)   # first: its random init is drawn from the seed
+    data = build_data(args, run, tokenizer, args.data_path, args.images_path, encoder)
+    val = build_data(args, run, tokenizer, args.val_data, args.val_images_path or args.images_path,
+                     encoder, validation=True) if args.val_data else None
+    optimizer = model.configure_optimizer(args.weight_decay, args.learning_rate, betas=(0.9, 0.95),
+                                          fused=run.cuda or None)
+    total_steps = data.steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 100)
+    progress = resume(args, run, model, optimizer) if args.resume else Progress()
+    logger = StepLogger(args, run, progress)
+
+    model.train()
+    while progress.step < total_steps:
+        epoch = progress.epoch
+        data.sampler.set_epoch(epoch, start_step=progress.steps_in_epoch)
+        logger.start_epoch(data)
+        for micro_batches in steps_of(data.loader, args.accumulation_steps):
+            data.note_skipped(micro_batches)
+            lr = lr_at(progress.step, total_steps, warmup, args.learning_rate)
+            loss, grad_norm = optimizer_step(run, ddp_model, optimizer, micro_batches, lr, args.grad_clip,
+                                             data.cache)
+            progress.advance(data.steps_per_epoch)
+            last = progress.step >= total_steps
+            if logger.after_step(loss, grad_norm, lr, micro_batches, last):
+                data.share_problems(run)
+            if val is not None and (progress.step % args.val_interval == 0 or last):
+                logger.validation(validate(run, model, val))
+            if progress.step % args.save_interval == 0 or last or progress.epoch != epoch:
+                save_checkpoint(args, run, model, optimizer, progress)
+            if last:
+                break
+        data.check_left_out(run, epoch)
+        logger.end_epoch(data.dataset.summary())
+    logger.finish()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def main(stage: str, argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = resolve(build_parser(stage).parse_args(argv), stage)
+    try:
+        sys.exit(train(args))
+    except (FileNotFoundError, ValueError, CheckpointError, ResumeError) as e:
+        # User errors (missing folders, bad checkpoints, bad data under --strict): one line.
+        raise SystemExit(f"error: {str(e).splitlines()[0]}")
+
+
+# =========================================================================== arguments
 def build_parser(stage: str) -> argparse.ArgumentParser:
     s = STAGES[stage]
     p = argparse.ArgumentParser(description=f"MiniMind-V {stage} training")
-    add = p.add_argument
     if stage == "sft":
-        add("--multi", action="store_true", help="two-image SFT: sft_multi data, starts from the SFT weights")
+        p.add_argument("--multi", action="store_true", help="two-image SFT: sft_multi data, starts from the SFT weights")
     g = p.add_argument_group("model")
     g.add_argument("--dim", type=int, default=512, choices=[512, 768], help="model width (512: 27M, 768: 109M)")
     g.add_argument("--n_layers", type=int, default=None, help="default: 8 for dim 512, 16 for dim 768")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named size; overrides --dim")
     g.add_argument("--use_moe", action="store_true")
     g.add_argument("--max_seq_len", type=int, default=640, help="longest sample in tokens (50 per image)")
-    g.add_argument("--vision_model", default="./model/vision_model/clip-vit-base-patch32")
-    g.add_argument("--init_weight", default=None, help="starting weights, a .pth or an exported folder (default: out/{tag}_" + s.init_from + ".pth)")
+    g.add_argument("--vision_model", default=DEFAULT_VISION_MODEL)
+    g.add_argument("--init_weight", default=None,
+                   help=f"starting weights, a .pth or an exported folder (default: out/{{tag}}_{s.init_from}.pth)")
     g.add_argument("--from_scratch", action="store_true", help="random LLM + projector (no starting weights)")
     g.add_argument("--save_weight", default=None, help="output weights (default: out/{tag}_vlm_<stage>.pth)")
     g.add_argument("--freeze_llm", action=argparse.BooleanOptionalAction, default=None,
@@ -91,7 +157,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
     g.add_argument("--batch_size", type=int, default=16, help="per process")
     g.add_argument("--learning_rate", type=float, default=s.learning_rate)
-    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--weight_decay", type=float, default=0.01, help="on matrices only (not norms or biases)")
     g.add_argument("--warmup_steps", type=int, default=None, help="default: 1%% of the steps")
     g.add_argument("--accumulation_steps", type=int, default=1)
     g.add_argument("--grad_clip", type=float, default=1.0)
@@ -107,6 +173,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from <save_weight>.resume if it exists")
     g.add_argument("--use_wandb", action="store_true")
     g.add_argument("--wandb_project", default="MiniMind-V")
+    g.add_argument("--wandb_run_name", default=None, help="default: {tag}_vlm_{stage}")
     g.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
     return p
 
@@ -117,8 +184,8 @@ def resolve(args, stage: str):
         stage = "sft_multi"
     s = STAGES[stage]
     args.stage = s.name
-    preset = args.preset or str(args.dim)
-    cfg = VLMConfig.from_preset(preset, use_moe=args.use_moe, vision_model_path=args.vision_model)
+    cfg = VLMConfig.from_preset(args.preset or str(args.dim), use_moe=args.use_moe,
+                                vision_model_path=args.vision_model)
     cfg.max_seq_len = max(cfg.max_seq_len, args.max_seq_len)
     if args.n_layers is not None:
         cfg.n_layers = args.n_layers
@@ -127,80 +194,264 @@ def resolve(args, stage: str):
     args.data_path = args.data_path or s.data_path
     args.images_path = args.images_path or s.images_dir
     args.max_images = args.max_images or s.max_images
-    args.init_weight = None if args.from_scratch else (args.init_weight or os.path.join(args.out_dir, f"{tag}_{s.init_from}.pth"))
+    args.init_weight = None if args.from_scratch else (
+        args.init_weight or os.path.join(args.out_dir, f"{tag}_{s.init_from}.pth"))
     args.save_weight = args.save_weight or os.path.join(args.out_dir, f"{tag}_vlm_{s.name}.pth")
     args.resume_path = args.save_weight + ".resume"
     if args.freeze_llm is None:
         args.freeze_llm = s.freeze_llm and not args.from_scratch
     args.cache_dir = args.cache_dir or os.path.join(args.out_dir, "feature_cache")
+    args.wandb_run_name = args.wandb_run_name or f"{tag}_vlm_{s.name}"
     return args
 
 
-# --------------------------------------------------------------------------- distributed
-def setup_distributed(device_flag):
-    """(rank, local_rank, world, device). torchrun sets RANK/WORLD_SIZE; nccl on CUDA, gloo on CPU."""
+# =========================================================================== set-up
+@dataclass
+class Run:
+    """Which process this is, on which device, and with which precision."""
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    amp: contextlib.AbstractContextManager
+    scaler: torch.amp.GradScaler
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def info(self, msg, *a):
+        if self.master:
+            log.info(msg, *a)
+
+
+def start_run(args) -> Run:
+    """Processes (torchrun sets RANK/WORLD_SIZE; nccl on CUDA, gloo on CPU), device, seeds and
+    mixed precision."""
+    rank, local_rank, world = 0, 0, 1
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        rank, local, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        use_cuda = torch.cuda.is_available() and (device_flag is None or device_flag.startswith("cuda"))
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        use_cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
         if use_cuda:
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-        return rank, local, world, torch.device(f"cuda:{local}" if use_cuda else "cpu")
-    device = device_flag or ("cuda" if torch.cuda.is_available() else "cpu")
-    return 0, 0, 1, torch.device(device)
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    torch.manual_seed(args.seed + rank)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    cuda = device.type == "cuda"
+    # Mixed precision only on CUDA and always with an explicit dtype; the loss scaler is for
+    # fp16 alone (bf16 has fp32's range and needs none).
+    amp = torch.autocast("cuda", dtype=dtype) if cuda and dtype != torch.float32 else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)
+    return Run(rank, local_rank, world, device, amp, scaler)
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def check_data_only(args, tokenizer) -> int:
+    from scripts.check_data import scan
+
+    checked = scan(args.data_path, args.images_path, image_prefix=args.image_prefix, max_seq_len=args.max_seq_len,
+                   max_images=args.max_images, max_turns=args.max_turns, tokenizer=tokenizer,
+                   image_ids=args.config.image_ids, progress=not args.no_progress)
+    print(checked.summary())
+    return 1 if checked.problems else 0
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
+def check_outputs_writable(args, run: Run):
+    """Fail now, in one line, rather than at the first save hours in; and clear the temp files
+    a run killed while saving left behind."""
+    folders = {os.path.dirname(os.path.abspath(p)) for p in (args.save_weight, args.resume_path)}
+    folders.add(os.path.abspath(args.out_dir))
+    if args.cache_features:
+        folders.add(os.path.abspath(args.cache_dir))
+    for folder in sorted(folders):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write-test-{os.getpid()}-r{run.rank}")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"cannot write to {folder}: {e.strerror or e}") from None
+    if run.master:
+        for path in (args.save_weight, args.resume_path):
+            remove_stale_temp_files(path)
 
 
-# --------------------------------------------------------------------------- data order
-class ResumableBatchSampler:
-    """Seeded, epoch-dependent batch order shared by every rank, resumable mid-epoch.
+@dataclass
+class TrainingData:
+    """A dataset with its sampler, loader and (optionally) feature cache."""
+    dataset: VLMDataset
+    sampler: "StepSampler"
+    loader: torch.utils.data.DataLoader
+    cache: object
 
-    Global batch k of an epoch is perm[k*G:(k+1)*G] with G = batch_size * world_size; rank r
-    takes its r-th slice. So N processes see exactly the batches one process with an N times
-    larger batch would (DDP parity), and skipping `start_batch` batches resumes exactly.
-    `lengths` (optional) groups samples of similar length into the same global batch.
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.sampler) // self.sampler.accumulation
+
+    def note_skipped(self, micro_batches):
+        """Records found bad while loading these batches: counted (strict: the one-line error).
+        This happens here in the main process, as a DataLoader worker cannot stop a run cleanly."""
+        for ref, reason in (s for batch in micro_batches for s in batch["skipped"]):
+            self.dataset.report(ref, reason)
+
+    def share_problems(self, run: "Run"):
+        """Every rank learns every rank's bad records, so counts are totals and rank 0 logs each
+        record once (a bad record lands on another rank in another epoch)."""
+        if run.world > 1:
+            for problems in all_gather_objects(self.dataset.take_new_problems()):
+                for ref, reason in problems:
+                    self.dataset.report(ref, reason)
+
+    def check_left_out(self, run: "Run", epoch: int):
+        """Load the ragged tail that `epoch` did not train on, so bad records there are counted too."""
+        for index in self.sampler.left_out(epoch)[run.rank::run.world]:
+            item = self.dataset[index]
+            if isinstance(item, Skipped):
+                self.dataset.report(item.record_ref, item.reason)
+        self.share_problems(run)
+
+
+def build_data(args, run: Run, tokenizer, data_path, images_path, encoder, validation=False) -> TrainingData:
+    cache = None
+    if not os.path.isfile(data_path):
+        raise FileNotFoundError(f"data file {data_path} not found (see README: Data)")
+    ds = VLMDataset(data_path, images_path, tokenizer, args.config.image_ids, max_seq_len=args.max_seq_len,
+                    max_turns=args.max_turns, image_prefix=args.image_prefix, max_images=args.max_images,
+                    strict=args.strict, image_mode="paths" if args.cache_features else "pixels",
+                    preprocess=ImagePreprocessor.from_pretrained(args.vision_model, args.config.squash_images),
+                    log_problems=run.master)
+    run.info("%s", ds.summary())
+    if args.cache_features:
+        from trainer.feature_cache import FeatureCache
+
+        cache = FeatureCache(args.cache_dir, encoder)
+        bad = cache.build([p for s in ds.samples for p in s[3]], run.device, num_workers=args.num_workers,
+                          rank=run.rank, world_size=run.world, barrier=barrier,
+                          progress=run.master and not args.no_progress)
+        ds.drop_images(bad)
+    accumulation = 1 if validation else args.accumulation_steps
+    if len(ds) < args.batch_size * run.world * accumulation:
+        raise ValueError(f"{data_path} has {len(ds)} usable records, fewer than one global batch "
+                         f"({args.batch_size} x {run.world} processes x {accumulation} accumulation steps)")
+    sampler = StepSampler(len(ds), args.batch_size, run.rank, run.world, accumulation, args.seed,
+                          ds.approx_lengths if args.group_by_length and not validation else None)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=sampler, collate_fn=make_collate(pad_id=0), num_workers=args.num_workers,
+        pin_memory=run.cuda, prefetch_factor=4 if args.num_workers else None)
+    return TrainingData(ds, sampler, loader, cache)
+
+
+def build_model(args, run: Run, encoder):
+    """(model, the model to call for training: DDP-wrapped under torchrun)."""
+    args.config.vision_hidden_size = encoder.hidden_size   # the projector's input is CLIP's width
+    model = MiniMindVLM(args.config, encoder)
+    if args.init_weight:
+        if not os.path.exists(args.init_weight):   # a .pth file or an exported folder
+            hint = ("download MiniMind's full_sft_{dim}.pth and save it under that name, or pass --from_scratch"
+                    if args.stage == "pretrain" else "run the previous stage first, or pass --init_weight")
+            raise FileNotFoundError(f"starting weights {args.init_weight} not found: {hint}")
+        run.info("loaded %s weights from %s", load_weights(model, args.init_weight), args.init_weight)
+    for name, p in model.named_parameters():
+        p.requires_grad = not args.freeze_llm or name.startswith("vision_proj.")
+    model.to(run.device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.info("model %s: %.2fM parameters, %.2fM trainable%s", args.config.tag,
+             sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
+             " (projector only)" if args.freeze_llm else "")
+    if run.world == 1:
+        return model, model
+    # find_unused_parameters: an image-free batch leaves the projector (and MoE a quiet
+    # expert) out of the graph, which plain DDP would wait for forever.
+    return model, torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[run.local_rank] if run.cuda else None, find_unused_parameters=True)
+
+
+def resume(args, run: Run, model, optimizer) -> Progress:
+    """Continue from <save_weight>.resume: weights, optimizer, position in the data, RNG."""
+    if not os.path.isfile(args.resume_path):
+        run.info("no resume file at %s: starting fresh", args.resume_path)
+        return Progress()
+    state = load_resume_state(args.resume_path)
+    check_same_global_batch(state, args.resume_path, args.batch_size, run.world, args.accumulation_steps)
+    load_weights(model, state["model"], name=args.resume_path)
+    optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == run.world:
+        set_rng_state(state["rng"][run.rank])
+    progress = Progress.from_state(state)
+    run.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", args.resume_path, progress.step,
+             progress.epoch + 1, progress.steps_in_epoch)
+    return progress
+
+
+# =========================================================================== data order
+class StepSampler:
+    """Seeded, epoch-dependent order of optimizer steps, shared by every rank, resumable.
+
+    An optimizer step takes `step_batch` = batch_size x world x accumulation samples,
+    perm[k*S:(k+1)*S] for step k; its micro-batch j on rank r is the slice number j*world + r.
+    So the samples of a step, and how they are split into micro-batches, depend only on the
+    global batch: 2 processes, or 1 process with accumulation 2, see the same micro-batches
+    (DDP parity, and resuming on another number of GPUs), and skipping steps resumes exactly.
+    `lengths` (optional) groups samples of similar length into the same step.
     """
 
-    def __init__(self, n, batch_size, rank=0, world=1, seed=0, lengths=None):
-        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.lengths = lengths
-        self.epoch, self.start_batch = 0, 0
+    def __init__(self, n, batch_size, rank=0, world=1, accumulation=1, seed=0, lengths=None):
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.accumulation, self.seed, self.lengths = accumulation, seed, lengths
+        self.step_batch = batch_size * world * accumulation
+        self.epoch, self.start_step = 0, 0
 
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
 
-    def global_batches(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+    def _order(self, epoch):
+        g = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
-        G = self.batch_size * self.world
+        S = self.step_batch
         if self.lengths is not None:
-            # Sort within windows of 50 global batches, then shuffle the batches: similar
-            # lengths share a batch (less padding) while the order stays random.
-            window = 50 * G
+            # Sort within windows of 50 steps, then shuffle the steps: similar lengths share a
+            # step (less padding) while the order stays random.
+            window = 50 * S
             perm = [i for s in range(0, self.n, window)
                     for i in sorted(perm[s:s + window], key=lambda i: -self.lengths[i])]
-        batches = [perm[s:s + G] for s in range(0, self.n - G + 1, G)]   # drop the ragged tail
+        steps = [perm[s:s + S] for s in range(0, self.n - S + 1, S)]   # the ragged tail is left out
         if self.lengths is not None:
-            order = torch.randperm(len(batches), generator=g).tolist()
-            batches = [batches[i] for i in order]
-        return batches
+            steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
+        return perm, steps
+
+    def left_out(self, epoch) -> List[int]:
+        """The samples of the ragged tail that `epoch` does not train on."""
+        perm, steps = self._order(epoch)
+        used = {i for step in steps for i in step}
+        return [i for i in perm if i not in used]
 
     def __len__(self):
-        return self.n // (self.batch_size * self.world)
+        """Micro-batches of this rank in an epoch."""
+        return (self.n // self.step_batch) * self.accumulation
 
     def __iter__(self):
-        for batch in self.global_batches()[self.start_batch:]:
-            yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        B = self.batch_size
+        for step in self._order(self.epoch)[1][self.start_step:]:
+            for j in range(self.accumulation):
+                k = j * self.world + self.rank
+                yield step[k * B:(k + 1) * B]
+
+
+def steps_of(loader, accumulation_steps):
+    """The micro-batches of each optimizer step, as lists."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accumulation_steps:
+            yield group
+            group = []
 
 
 def lr_at(step, total, warmup, peak):
@@ -211,162 +462,158 @@ def lr_at(step, total, warmup, peak):
     return peak / 10 + 0.5 * (peak - peak / 10) * (1 + math.cos(math.pi * progress))
 
 
-# --------------------------------------------------------------------------- RNG state
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# =========================================================================== one step
+def optimizer_step(run: Run, model, optimizer, micro_batches, lr, grad_clip, cache):
+    """Forward and backward every micro-batch, then one AdamW step. Returns (the step's mean
+    loss over all ranks, gradient norm).
+
+    The model divides each micro-batch's summed loss by this rank's share of the step's target
+    count, so micro-batches and ranks add up (DDP averages gradients over ranks) to exactly
+    the mean over the whole step: N processes or N accumulation steps train like one big batch.
+    """
+    n_targets = all_reduce_sum(sum(count_targets(b["labels"]) for b in micro_batches).float().to(run.device))
+    share = n_targets.clamp(min=1) / run.world
+    step_loss = torch.zeros((), device=run.device)
+    for j, batch in enumerate(micro_batches):
+        syncing = run.world == 1 or j == len(micro_batches) - 1
+        with contextlib.nullcontext() if syncing else model.no_sync():
+            with run.amp:
+                loss = model(**model_inputs(batch, run, cache), num_items_in_batch=share).loss
+            run.scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    run.scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    run.scaler.step(optimizer)
+    run.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return all_reduce_sum(step_loss) / run.world, grad_norm
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def model_inputs(batch, run: Run, cache) -> dict:
+    """A collated batch -> the model's keyword arguments, on the device."""
+    nb = run.cuda   # pinned memory + non_blocking: the copy overlaps with compute
+    if batch["input_ids"].shape[0] == 0:
+        # Every sample of this micro-batch was skipped: a no-target pass keeps DDP ranks in step.
+        ids = torch.zeros(1, 1, dtype=torch.long, device=run.device)
+        return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}
+    inputs = {"input_ids": batch["input_ids"].to(run.device, non_blocking=nb),
+              "labels": batch["labels"].to(run.device, non_blocking=nb)}
+    if cache is not None:
+        features = cache.lookup(batch["image_paths"])
+        if features is not None:
+            inputs["image_features"] = features.to(run.device, non_blocking=nb)
+    elif batch["pixel_values"] is not None:
+        inputs["pixel_values"] = batch["pixel_values"].to(run.device, non_blocking=nb)
+    return inputs
 
 
-# --------------------------------------------------------------------------- the run
-class Run:
-    def __init__(self, args):
-        self.args = args
-        self.rank, self.local_rank, self.world, self.device = setup_distributed(args.device)
-        self.master = self.rank == 0
-        self.cuda = self.device.type == "cuda"
-        torch.manual_seed(args.seed + self.rank)
-        random.seed(args.seed + self.rank)
-        np.random.seed(args.seed + self.rank)
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-        # Mixed precision only on CUDA and always with an explicit dtype; the loss scaler is
-        # for fp16 alone (bf16 has fp32's range and needs none).
-        self.amp = (torch.autocast("cuda", dtype=dtype) if self.cuda and dtype != torch.float32
-                    else contextlib.nullcontext())
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda and dtype == torch.float16)
+@torch.no_grad()
+def validate(run: Run, model, val: TrainingData, max_batches=50) -> float:
+    """Mean token loss over (at most `max_batches` micro-batches of) the held-out data."""
+    model.eval()
+    total, count = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+    for i, batch in enumerate(val.loader):
+        if i >= max_batches:
+            break
+        n = count_targets(batch["labels"]).to(run.device)
+        with run.amp:
+            total += model(**model_inputs(batch, run, val.cache)).loss.float() * n
+        count += n
+    model.train()
+    return float(all_reduce_sum(total) / all_reduce_sum(count).clamp(min=1))
 
-    def info(self, msg, *a):
-        if self.master:
-            log.info(msg, *a)
 
-    # ---- set-up ------------------------------------------------------------------------------
-    def build_model(self):
+# =========================================================================== logging and saving
+class StepLogger:
+    """Progress bar, periodic log lines, wandb and the loss history saved with the weights."""
+
+    def __init__(self, args, run: Run, progress):
+        self.args, self.run, self.progress = args, run, progress
+        self.bar, self.wandb, self.t_start = None, None, time.time()
+        self._reset_window()
+        if args.use_wandb and run.master:
+            import wandb
+
+            progress.wandb_id = progress.wandb_id or f"{args.wandb_run_name}-{int(time.time())}"
+            wandb.init(project=args.wandb_project, name=args.wandb_run_name, id=progress.wandb_id,
+                       resume="allow", dir=args.out_dir,
+                       config={k: v for k, v in vars(args).items() if k != "config"})
+            self.wandb = wandb
+
+    def _reset_window(self):
+        self.window_losses, self.window_tokens, self.window_t0 = [], 0, time.time()
+
+    def start_epoch(self, data: TrainingData):
+        from tqdm import tqdm
+
+        a, p = self.args, self.progress
+        self.run.info("%s: %d records, %d steps/epoch x %d epoch(s), global batch %d, lr %.2g, %s",
+                      a.stage, len(data.dataset), data.steps_per_epoch, a.epochs, data.sampler.step_batch,
+                      a.learning_rate, self.run.device)
+        self.bar = tqdm(total=data.steps_per_epoch, initial=p.steps_in_epoch,
+                        desc=f"{a.stage} epoch {p.epoch + 1}/{a.epochs}", unit="step", dynamic_ncols=True,
+                        disable=not self.run.master or a.no_progress)
+
+    def after_step(self, loss, grad_norm, lr, micro_batches, last) -> bool:
+        """Count the step; every log_interval steps (and the last) log the window. True if logged."""
+        self.bar.update(1)
+        self.window_losses.append(loss)   # kept on the device: no sync per step
+        self.window_tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches) * self.run.world
+        step = self.progress.step
+        if step % self.args.log_interval and not last:
+            return False
+        mean_loss = float(torch.stack(self.window_losses).mean())
+        tok_s = self.window_tokens / max(time.time() - self.window_t0, 1e-9)   # recent speed, all ranks
+        record = {"step": step, "epoch": self.progress.epoch + 1, "loss": mean_loss, "lr": lr,
+                  "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+        self.progress.history.append(record)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        if self.args.no_progress:
+            self.run.info("step %d loss %.4f lr %.2e %.0f tok/s", step, mean_loss, lr, tok_s)
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        self._reset_window()
+        return True
+
+    def validation(self, val_loss):
+        self.progress.history.append({"step": self.progress.step, "val_loss": val_loss})
+        self.run.info("step %d validation loss %.4f", self.progress.step, val_loss)
+        if self.wandb:
+            self.wandb.log({"val_loss": val_loss}, step=self.progress.step)
+
+    def end_epoch(self, summary):
+        self.bar.close()
+        self.run.info("%s", summary)
+
+    def finish(self):
         a = self.args
-        encoder = VisionEncoder.from_pretrained(a.vision_model, layer=a.config.vision_layer,
-                                                squash=a.config.squash_images)
-        a.config.vision_hidden_size = encoder.hidden_size
-        model = MiniMindVLM(a.config, encoder)
-        if a.init_weight:
-            if not os.path.exists(a.init_weight):   # a .pth file or an exported folder
-                hint = ("download MiniMind's full_sft_{dim}.pth and save it under that name, or pass "
-                        "--from_scratch" if a.stage == "pretrain" else
-                        f"run the previous stage first, or pass --init_weight")
-                raise SystemExit(f"error: starting weights {a.init_weight} not found: {hint}")
-            kind = load_weights(model, a.init_weight)
-            self.info("loaded %s weights from %s", kind, a.init_weight)
-        for name, p in model.named_parameters():
-            p.requires_grad = not a.freeze_llm or name.startswith("vision_proj.")
-        model.to(self.device)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in model.parameters())
-        self.info("model %s: %.2fM parameters, %.2fM trainable%s", a.config.tag, n_all / 1e6, n_train / 1e6,
-                  " (projector only)" if a.freeze_llm else "")
-        self.model = model
-        self.ddp_model = model
-        if self.world > 1:
-            # find_unused_parameters: an image-free batch leaves the projector (and MoE a
-            # quiet expert) out of the graph, which plain DDP would wait for forever.
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.local_rank] if self.cuda else None, find_unused_parameters=True)
-        return model
-
-    def build_data(self, data_path, images_path, tokenizer):
-        a = self.args
-        ds = VLMDataset(data_path, images_path, tokenizer, a.config.image_ids, max_seq_len=a.max_seq_len,
-                        max_turns=a.max_turns, image_prefix=a.image_prefix, max_images=a.max_images,
-                        strict=a.strict, image_mode="paths" if a.cache_features else "pixels",
-                        preprocess=self.model.vision_encoder.preprocess)
-        if a.cache_features:
-            from trainer.feature_cache import FeatureCache
-
-            if not hasattr(self, "cache"):
-                self.cache = FeatureCache(a.cache_dir, self.model.vision_encoder)
-            bad = self.cache.build([p for s in ds.samples for p in s[3]], self.device,
-                                   num_workers=a.num_workers, rank=self.rank, world_size=self.world,
-                                   barrier=barrier, progress=self.master and not a.no_progress)
-            ds.drop_images(bad)
-        return ds
-
-    def loader(self, ds, sampler):
-        a = self.args
-        return torch.utils.data.DataLoader(
-            ds, batch_sampler=sampler, collate_fn=make_collate(pad_id=0), num_workers=a.num_workers,
-            pin_memory=self.cuda, persistent_workers=False, prefetch_factor=4 if a.num_workers else None)
-
-    # ---- one micro-step ------------------------------------------------------------------------
-    def to_device(self, batch):
-        nb = self.cuda   # pinned memory + non_blocking: the copy overlaps with compute
-        ids = batch["input_ids"].to(self.device, non_blocking=nb)
-        labels = batch["labels"].to(self.device, non_blocking=nb)
-        vision = {"images_per_sample": batch["images_per_sample"]}
-        if self.args.cache_features:
-            feats = self.cache.lookup(batch["image_paths"])
-            if feats is not None:
-                vision["image_features"] = feats.to(self.device, non_blocking=nb)
-        elif batch["pixel_values"] is not None:
-            vision["pixel_values"] = batch["pixel_values"].to(self.device, non_blocking=nb)
-        return ids, labels, vision
-
-    def loss_terms(self, model, batch):
-        """(sum of token cross entropies, MoE aux loss) of one micro-batch on this rank."""
-        ids, labels, vision = self.to_device(batch)
-        if ids.shape[0] == 0:    # every sample of this micro-batch was skipped: stay in step
-            ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-            labels = torch.full_like(ids, IGNORE_INDEX)
-            vision = {}
-        with self.amp:
-            out = model(ids, labels=labels, **vision)
-        return out.ce_sum, out.aux_loss
-
-    # ---- validation ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def validate(self, val_loader, max_batches=50):
-        self.model.eval()
-        total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for i, batch in enumerate(val_loader):
-            if i >= max_batches:
-                break
-            total += self.loss_terms(self.model, batch)[0]
-            count += label_tokens(batch)
-        total, count = all_reduce_sum(total), all_reduce_sum(count)
-        self.model.train()
-        return (total / count.clamp(min=1)).item()
+        if self.run.master:
+            with open(a.save_weight + ".history.json", "w") as f:
+                json.dump(self.progress.history, f)
+            plot_path = os.path.splitext(a.save_weight)[0] + "_loss.png"
+            if self.progress.history:
+                plot_losses(self.progress.history, plot_path, f"{a.config.tag} {a.stage}")
+            self.run.info("saved %s (loss curve: %s) in %.1fs", a.save_weight, plot_path, time.time() - self.t_start)
+        if self.wandb:
+            self.wandb.finish()
 
 
-def label_tokens(batch) -> torch.Tensor:
-    """How many tokens of this micro-batch the loss counts (labels are shifted by one)."""
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
-
-
-def step_groups(loader, accumulation_steps):
-    """The micro-batches of each optimizer step, as lists (the last one may be shorter)."""
-    group = []
-    for batch in loader:
-        group.append(batch)
-        if len(group) == accumulation_steps:
-            yield group
-            group = []
-    if group:
-        yield group
-
-
-def save_checkpoint(run, optimizer, step, epoch, batch_in_epoch, history, wandb_id):
-    a = run.args
-    atomic_save(model_state_dict(run.model), a.save_weight)
-    atomic_save({"model": model_state_dict(run.model), "optimizer": optimizer.state_dict(),
-                 "scaler": run.scaler.state_dict(), "step": step, "epoch": epoch,
-                 "batch_in_epoch": batch_in_epoch, "rng": run.rng_all, "history": history,
-                 "wandb_id": wandb_id, "world_size": run.world, "batch_size": a.batch_size,
-                 "seed": a.seed}, a.resume_path)
+def save_checkpoint(args, run: Run, model, optimizer, progress: Progress):
+    """The weights (published layout) and the resume state, each written atomically by rank 0.
+    Every rank's RNG state goes into the resume file, so each resumes its own stream."""
+    rng = all_gather_objects(rng_state()) if run.world > 1 else [rng_state()]
+    if run.master:
+        weights = model_state_dict(model)
+        atomic_save(weights, args.save_weight)
+        atomic_save({"format": FORMAT, "model": weights, "optimizer": optimizer.state_dict(),
+                     "scaler": run.scaler.state_dict(),
+                     "rng": rng, "world_size": run.world, "batch_size": args.batch_size,
+                     "accumulation_steps": args.accumulation_steps, "seed": args.seed, **progress.to_state()},
+                    args.resume_path)
+    barrier()
 
 
 def plot_losses(history, path, title):
@@ -376,11 +623,11 @@ def plot_losses(history, path, title):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    train = [h for h in history if "loss" in h]
-    val = [h for h in history if "val_loss" in h]
-    ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train")
-    if val:
-        ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation")
+    train_points = [h for h in history if "loss" in h]
+    val_points = [h for h in history if "val_loss" in h]
+    ax.plot([h["step"] for h in train_points], [h["loss"] for h in train_points], label="train")
+    if val_points:
+        ax.plot([h["step"] for h in val_points], [h["val_loss"] for h in val_points], "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -392,176 +639,20 @@ def plot_losses(history, path, title):
     os.replace(tmp, path)
 
 
-def train(args):
-    run = Run(args)
-    a = args
-    if run.master:
-        os.makedirs(a.out_dir, exist_ok=True)
-    tokenizer = load_tokenizer()
-    if not os.path.isfile(a.data_path):
-        raise SystemExit(f"error: data file {a.data_path} not found (see README: Data)")
-    if a.check_data:
-        from scripts.check_data import scan
-
-        checked = scan(a.data_path, a.images_path, image_prefix=a.image_prefix, max_seq_len=a.max_seq_len,
-                       max_images=a.max_images, max_turns=a.max_turns, tokenizer=tokenizer,
-                       image_ids=a.config.image_ids, progress=not a.no_progress)
-        print(checked.summary())
-        return 1 if checked.problems else 0
-    model = run.build_model()
-    ds = run.build_data(a.data_path, a.images_path, tokenizer)
-    run.info("%s", ds.summary())
-    if len(ds) < a.batch_size * run.world:
-        raise SystemExit(f"error: {a.data_path} has {len(ds)} usable records, fewer than one global "
-                         f"batch ({a.batch_size} x {run.world} processes)")
-    sampler = ResumableBatchSampler(len(ds), a.batch_size, run.rank, run.world, a.seed,
-                                    ds.approx_lengths if a.group_by_length else None)
-    loader = run.loader(ds, sampler)
-    val_loader = None
-    if a.val_data:
-        val_ds = run.build_data(a.val_data, a.val_images_path or a.images_path, tokenizer)
-        val_sampler = ResumableBatchSampler(len(val_ds), a.batch_size, run.rank, run.world, a.seed)
-        val_loader = run.loader(val_ds, val_sampler)
-
-    steps_per_epoch = math.ceil(len(sampler) / a.accumulation_steps)
-    total_steps = steps_per_epoch * a.epochs
-    if a.max_steps:
-        total_steps = min(total_steps, a.max_steps)
-    warmup = a.warmup_steps if a.warmup_steps is not None else max(1, total_steps // 100)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=a.learning_rate, weight_decay=a.weight_decay,
-                                  betas=(0.9, 0.95), fused=run.cuda or None)
-
-    step, start_epoch, start_batch, history, wandb_id = 0, 0, 0, [], None
-    if a.resume and os.path.isfile(a.resume_path):
-        state = torch.load(a.resume_path, map_location="cpu", weights_only=False)
-        if (state["world_size"], state["batch_size"]) != (run.world, a.batch_size):
-            raise SystemExit(f"error: {a.resume_path} was written by {state['world_size']} process(es) with "
-                             f"batch {state['batch_size']}; resume with the same settings")
-        load_weights(model, state["model"], name=a.resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        run.scaler.load_state_dict(state["scaler"])
-        step, start_epoch, start_batch = state["step"], state["epoch"], state["batch_in_epoch"]
-        history, wandb_id = state["history"], state["wandb_id"]
-        set_rng_state(state["rng"][run.rank])
-        run.info("resumed from %s at step %d (epoch %d, batch %d)", a.resume_path, step, start_epoch + 1, start_batch)
-    elif a.resume:
-        run.info("no resume file at %s: starting fresh", a.resume_path)
-
-    wandb = None
-    if a.use_wandb and run.master:
-        import wandb
-
-        wandb_id = wandb_id or f"{a.config.tag}-{a.stage}-{int(time.time())}"
-        wandb.init(project=a.wandb_project, name=f"{a.config.tag}_vlm_{a.stage}", id=wandb_id, resume="allow",
-                   dir=a.out_dir, config={k: v for k, v in vars(a).items() if k != "config"})
-
-    run.info("%s: %d records, %d steps/epoch x %d epoch(s), global batch %d, lr %.2g, %s",
-             a.stage, len(ds), steps_per_epoch, a.epochs, a.batch_size * run.world * a.accumulation_steps,
-             a.learning_rate, run.device)
-    from tqdm import tqdm
-
-    model.train()
-    t_start, done = time.time(), step >= total_steps
-    for epoch in range(start_epoch, a.epochs):
-        if done:
-            break
-        consumed = start_batch if epoch == start_epoch else 0    # micro-batches of this epoch
-        sampler.set_epoch(epoch, consumed)
-        skipped_epoch = 0
-        bar = tqdm(total=len(sampler), initial=consumed, desc=f"{a.stage} epoch {epoch + 1}/{a.epochs}",
-                   disable=not run.master or a.no_progress, dynamic_ncols=True, unit="batch")
-        window_loss, window_tok, window_t0, window_tokens = torch.zeros((), device=run.device), 0.0, time.time(), 0
-        for group in step_groups(loader, a.accumulation_steps):
-            for ref, reason in (s for batch in group for s in batch["skipped"]):
-                ds.report(ref, reason)
-                skipped_epoch += 1
-            # The step's loss is the token mean over ALL its micro-batches on ALL ranks, so
-            # accumulation and N processes give exactly the gradient of one big batch.
-            n_tok = all_reduce_sum(sum(label_tokens(b) for b in group).to(run.device)).clamp(min=1)
-            for j, batch in enumerate(group):
-                last_micro = j == len(group) - 1
-                ctx = run.ddp_model.no_sync() if run.world > 1 and not last_micro else contextlib.nullcontext()
-                with ctx:
-                    ce_sum, aux = run.loss_terms(run.ddp_model, batch)
-                    # DDP averages gradients over ranks, hence the factor world.
-                    loss = ce_sum * run.world / n_tok + aux / len(group)
-                    run.scaler.scale(loss).backward()
-                window_loss += ce_sum.detach()      # summed on the device: no sync per micro-step
-                window_tokens += int(batch["attention_mask"].sum()) * run.world
-            window_tok += float(n_tok)
-            consumed += len(group)
-            bar.update(len(group))
-
-            lr = lr_at(step, total_steps, warmup, a.learning_rate)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            run.scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
-            run.scaler.step(optimizer)
-            run.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last = step >= total_steps
-            if step % a.log_interval == 0 or last:
-                mean_loss = float(all_reduce_sum(window_loss) / window_tok)
-                tok_s = window_tokens / max(time.time() - window_t0, 1e-9)   # recent speed, all ranks
-                history.append({"step": step, "epoch": epoch + 1, "loss": mean_loss, "lr": lr,
-                                "grad_norm": float(grad_norm), "tokens_per_s": tok_s})
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                if a.no_progress:
-                    run.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, total_steps, mean_loss, lr, tok_s)
-                if wandb:
-                    wandb.log({"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                               "tokens_per_s": tok_s, "epoch": epoch + 1}, step=step)
-                window_loss, window_tok, window_t0, window_tokens = torch.zeros((), device=run.device), 0.0, time.time(), 0
-            if val_loader is not None and (step % a.val_interval == 0 or last):
-                val_loss = run.validate(val_loader)
-                history.append({"step": step, "val_loss": val_loss})
-                run.info("step %d validation loss %.4f", step, val_loss)
-                if wandb:
-                    wandb.log({"val_loss": val_loss}, step=step)
-            epoch_done = consumed == len(sampler)
-            if step % a.save_interval == 0 or last or epoch_done:
-                run.rng_all = gather_rng(run)
-                if run.master:
-                    position = (epoch + 1, 0) if epoch_done else (epoch, consumed)
-                    save_checkpoint(run, optimizer, step, *position, history, wandb_id)
-                barrier()
-            if last:
-                done = True
-                break
-        bar.close()
-        run.info("epoch %d done: %d sample(s) skipped this epoch; %s", epoch + 1, skipped_epoch, ds.summary())
-    if run.master:
-        with open(a.save_weight + ".history.json", "w") as f:
-            json.dump(history, f)
-        plot_path = os.path.splitext(a.save_weight)[0] + "_loss.png"
-        if history:
-            plot_losses(history, plot_path, f"{a.config.tag} {a.stage}")
-        run.info("saved %s (loss curve: %s) in %.1fs", a.save_weight, plot_path, time.time() - t_start)
-    if wandb:
-        wandb.finish()
+# =========================================================================== processes
+def barrier():
     if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+        dist.barrier()
 
 
-def gather_rng(run):
-    """Every rank's RNG state (rank 0 saves them all, so each rank resumes its own stream)."""
-    state = rng_state()
-    if run.world == 1:
-        return [state]
-    states = [None] * run.world
-    dist.all_gather_object(states, state)
-    return states
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
 
 
-def main(stage: str, argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    args = resolve(build_parser(stage).parse_args(argv), stage)
-    try:
-        sys.exit(train(args))
-    except (FileNotFoundError, ValueError) as e:
-        # User errors (missing folders, bad checkpoints, bad data under --strict): one line.
-        raise SystemExit(f"error: {e}")
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -1,28 +1,26 @@
-"""Tests of the offline shapes demo: generated data, answer scoring and the demo CLIP."""
+"""Tests of demo_shapes, the offline demo's material: generated data, answer scoring and the demo CLIP."""
 import hashlib
 import json
 import os
 import random
-import sys
 
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dataset import demo_data as dd  # noqa: E402
+import demo_shapes as ds
+from demo_shapes.__main__ import main as demo_shapes_cli
 
 SMALL = dict(n_pretrain=120, n_sft=120, n_multi=30, n_heldout=60)
 TRAIN_SETS = ("pretrain", "sft", "sft_multi")
 
 
 def load(out_dir, name):
-    with open(os.path.join(out_dir, dd.FILES[name][0]), encoding="utf-8") as f:
+    with open(os.path.join(out_dir, ds.FILES[name][0]), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
 
 def image_paths(out_dir, name, record):
-    return [os.path.join(out_dir, dd.FILES[name][1], n.strip()) for n in record["image"].split(",")]
+    return [os.path.join(out_dir, ds.FILES[name][1], n.strip()) for n in record["image"].split(",")]
 
 
 def tree_digest(out_dir):
@@ -40,7 +38,7 @@ def tree_digest(out_dir):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
-    dd.generate_demo_data(out, seed=0, **SMALL)
+    ds.generate_demo_data(out, seed=0, **SMALL)
     return out
 
 
@@ -48,8 +46,8 @@ def demo(tmp_path_factory):
 
 def test_same_seed_same_bytes_other_seed_differs(demo, tmp_path):
     again, other = str(tmp_path / "again"), str(tmp_path / "other")
-    dd.generate_demo_data(again, seed=0, **SMALL)
-    dd.generate_demo_data(other, seed=1, **SMALL)
+    ds.generate_demo_data(again, seed=0, **SMALL)
+    ds.generate_demo_data(other, seed=1, **SMALL)
     assert tree_digest(again) == tree_digest(demo)
     assert tree_digest(other) != tree_digest(demo)
     assert load(other, "pretrain") != load(demo, "pretrain")
@@ -59,21 +57,21 @@ def test_same_seed_same_bytes_other_seed_differs(demo, tmp_path):
 def test_reuse_and_regeneration(tmp_path):
     out = str(tmp_path / "d")
     sizes = dict(n_pretrain=6, n_sft=6, n_multi=3, n_heldout=6)
-    dd.generate_demo_data(out, **sizes)
+    ds.generate_demo_data(out, **sizes)
     marker = os.path.join(out, "pretrain_data.jsonl")
     with open(marker, "a", encoding="utf-8") as f:
         f.write("")  # keep contents; we watch the mtime
     os.utime(marker, (1, 1))
-    dd.generate_demo_data(out, **sizes)
+    ds.generate_demo_data(out, **sizes)
     assert os.path.getmtime(marker) == 1, "complete output with the same settings must be reused"
-    dd.generate_demo_data(out, **sizes, force=True)
+    ds.generate_demo_data(out, **sizes, force=True)
     assert os.path.getmtime(marker) != 1
-    dd.generate_demo_data(out, **{**sizes, "n_pretrain": 4})
+    ds.generate_demo_data(out, **{**sizes, "n_pretrain": 4})
     assert len(load(out, "pretrain")) == 4
     assert len(os.listdir(os.path.join(out, "pretrain_images"))) == 4, "stale pictures left behind"
-    with open(os.path.join(out, dd.MANIFEST), encoding="utf-8") as f:
+    with open(os.path.join(out, ds.MANIFEST), encoding="utf-8") as f:
         manifest = json.load(f)
-    assert manifest["version"] == dd.VERSION and manifest["seed"] == 0 and manifest["n_pretrain"] == 4
+    assert manifest["version"] == ds.VERSION and manifest["seed"] == 0 and manifest["n_pretrain"] == 4
 
 
 # ----------------------------------------------------------------------------- format
@@ -90,7 +88,7 @@ def check_conversation(conv, n_images):
     assert conv[0]["value"].count("<image>") == n_images  # all marks in the first question
 
 
-@pytest.mark.parametrize("name", list(dd.FILES))
+@pytest.mark.parametrize("name", list(ds.FILES))
 def test_records_and_images_match_the_original_format(demo, name):
     records = load(demo, name)
     assert len(records) == SMALL[{"pretrain": "n_pretrain", "sft": "n_sft", "sft_multi": "n_multi",
@@ -105,7 +103,7 @@ def test_records_and_images_match_the_original_format(demo, name):
             assert len(r["conversations"]) == 2
             assert r["conversations"][0]["value"].startswith("<image>\n")
         if name == "heldout":
-            assert r["qtype"] in dd.HELDOUT_QTYPES
+            assert r["qtype"] in ds.HELDOUT_QTYPES
             assert r["question"] == r["conversations"][0]["value"]
             assert r["answer"] == r["conversations"][1]["value"]
             assert r["question"].count("<image>") == len(paths) == (2 if r["qtype"] == "multi" else 1)
@@ -113,15 +111,15 @@ def test_records_and_images_match_the_original_format(demo, name):
             with Image.open(p) as img:
                 assert img.size == (224, 224) and img.mode == "RGB"
     used = {os.path.basename(p) for r in records for p in image_paths(demo, name, r)}
-    assert set(os.listdir(os.path.join(demo, dd.FILES[name][1]))) == used
+    assert set(os.listdir(os.path.join(demo, ds.FILES[name][1]))) == used
 
 
 def test_sft_sets_ask_about_the_pretrain_pictures(demo):
     """The SFT sets link pretrain pictures, so their features are encoded once for all stages;
     a new picture is drawn only when the pool has none with the wanted attributes."""
-    pretrain = os.path.realpath(os.path.join(demo, dd.FILES["pretrain"][1]))
+    pretrain = os.path.realpath(os.path.join(demo, ds.FILES["pretrain"][1]))
     for name in ("sft", "sft_multi"):
-        folder = os.path.join(demo, dd.FILES[name][1])
+        folder = os.path.join(demo, ds.FILES[name][1])
         files = os.listdir(folder)
         linked = [f for f in files if os.path.islink(os.path.join(folder, f))]
         assert len(linked) > len(files) / 2, (name, len(linked), len(files))
@@ -135,7 +133,7 @@ def test_pictures_show_the_stated_colour(demo, name):
     """The dominant non-background colour of a picture is the one its answers name."""
     checked = 0
     for r in load(demo, name)[:80]:
-        colours = set(dd.colours_in(" ".join(t["value"] for t in r["conversations"][1::2])))
+        colours = set(ds.colours_in(" ".join(t["value"] for t in r["conversations"][1::2])))
         if not colours:  # an SFT record that never asks about colour
             continue
         (colour,) = colours
@@ -143,17 +141,17 @@ def test_pictures_show_the_stated_colour(demo, name):
         with Image.open(image_paths(demo, name, r)[0]) as img:
             counts = sorted(img.getcolors(224 * 224), reverse=True)
         shape_rgb = counts[1][1]  # the background fills most of the picture
-        assert all(abs(a - b) <= dd.COLOUR_JITTER for a, b in zip(shape_rgb, dd.COLOURS[colour]))
+        assert all(abs(a - b) <= ds.COLOUR_JITTER for a, b in zip(shape_rgb, ds.COLOURS[colour]))
     assert checked >= 20
 
 
 def test_shapes_never_overlap_and_stay_inside():
     rng = random.Random(0)
     for _ in range(2000):
-        scene = dd.sample_scene(rng)
+        scene = ds.sample_scene(rng)
         boxes = []
         for cx, cy, size in scene["items"]:
-            pts = dd.shape_polygon(scene["shape"], cx, cy, size)
+            pts = ds.shape_polygon(scene["shape"], cx, cy, size)
             xs, ys = (pts[0::2], pts[1::2]) if scene["shape"] == "圆形" else zip(*pts)
             boxes.append((min(xs), min(ys), max(xs), max(ys)))
         for x0, y0, x1, y1 in boxes:
@@ -165,7 +163,7 @@ def test_shapes_never_overlap_and_stay_inside():
 
 def test_heldout_pictures_never_appear_in_training(demo):
     def digests(name):
-        folder = os.path.join(demo, dd.FILES[name][1])
+        folder = os.path.join(demo, ds.FILES[name][1])
         out = set()
         for fn in os.listdir(folder):
             with Image.open(os.path.join(folder, fn)) as img:
@@ -181,19 +179,19 @@ def test_attribute_coverage(demo):
     for name in TRAIN_SETS:
         for r in load(demo, name):
             for turn in r["conversations"][1::2]:
-                colours |= set(dd.colours_in(turn["value"]))
-                shapes |= set(dd.shapes_in(turn["value"]))
-                positions |= set(dd.positions_in(turn["value"]))
-                counts |= set(dd.counts_in(turn["value"]))
-    assert len(colours) >= 6 and colours == set(dd.COLOURS)
-    assert shapes == set(dd.SHAPES) and positions == set(dd.POSITIONS) and counts == {1, 2, 3}
+                colours |= set(ds.colours_in(turn["value"]))
+                shapes |= set(ds.shapes_in(turn["value"]))
+                positions |= set(ds.positions_in(turn["value"]))
+                counts |= set(ds.counts_in(turn["value"]))
+    assert len(colours) >= 6 and colours == set(ds.COLOURS)
+    assert shapes == set(ds.SHAPES) and positions == set(ds.POSITIONS) and counts == {1, 2, 3}
 
     heldout = load(demo, "heldout")
-    assert {r["qtype"] for r in heldout} == set(dd.HELDOUT_QTYPES)
-    assert {r["attrs"]["mtype"] for r in heldout if r["qtype"] == "multi"} == set(dd.MULTI_QUESTIONS)
+    assert {r["qtype"] for r in heldout} == set(ds.HELDOUT_QTYPES)
+    assert {r["attrs"]["mtype"] for r in heldout if r["qtype"] == "multi"} == set(ds.MULTI_QUESTIONS)
     singles = [r["attrs"] for r in heldout if r["qtype"] != "multi"]
     assert {a["count"] for a in singles} == {1, 2, 3}
-    assert len({a["colour"] for a in singles}) >= 5 and {a["shape"] for a in singles} == set(dd.SHAPES)
+    assert len({a["colour"] for a in singles}) >= 5 and {a["shape"] for a in singles} == set(ds.SHAPES)
     # Comparison answers describe both pictures, then conclude, both ways.
     multi_answers = [t["value"] for r in load(demo, "sft_multi") for t in r["conversations"][1::2]
                      if "第一张" in t["value"]]
@@ -221,7 +219,7 @@ def multi(mtype, a, b, target=None):
 
 def test_score_accepts_every_reference_answer(demo):
     for r in load(demo, "heldout"):
-        assert dd.score_answer(r, r["answer"]), r
+        assert ds.score_answer(r, r["answer"]), r
 
 
 def test_score_rejects_a_wrong_colour_in_every_reference(demo):
@@ -229,9 +227,9 @@ def test_score_rejects_a_wrong_colour_in_every_reference(demo):
         if r["qtype"] not in ("caption", "colour"):
             continue
         right = r["attrs"]["colour"]
-        wrong = next(c for c in dd.COLOURS if c != right)
-        assert not dd.score_answer(r, r["answer"].replace(right, wrong))
-        assert not dd.score_answer(r, r["answer"].replace(right, f"{right}和{wrong}"))
+        wrong = next(c for c in ds.COLOURS if c != right)
+        assert not ds.score_answer(r, r["answer"].replace(right, wrong))
+        assert not ds.score_answer(r, r["answer"].replace(right, f"{right}和{wrong}"))
 
 
 @pytest.mark.parametrize("record, good, bad", [
@@ -266,16 +264,16 @@ def test_score_rejects_a_wrong_colour_in_every_reference(demo):
 ])
 def test_score_answer_cases(record, good, bad):
     for text in good:
-        assert dd.score_answer(record, text), text
+        assert ds.score_answer(record, text), text
     for text in bad:
-        assert not dd.score_answer(record, text), text
+        assert not ds.score_answer(record, text), text
 
 
 # ----------------------------------------------------------------------------- demo CLIP
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    return dd.make_demo_clip(str(tmp_path_factory.mktemp("clip") / "demo-clip"), seed=0, hidden_size=128)
+    return ds.make_demo_clip(str(tmp_path_factory.mktemp("clip") / "demo-clip"), seed=0, hidden_size=128)
 
 
 def test_demo_clip_loads_like_the_real_folder(clip_dir):
@@ -300,8 +298,8 @@ def test_demo_clip_loads_like_the_real_folder(clip_dir):
         name = key if key in saved else "vision_model." + key  # key layout differs across versions
         assert torch.equal(value, saved[name]), key
 
-    scene = dd.sample_scene(random.Random(0), count=1)
-    x = proc(images=dd.render_scene(scene), return_tensors="pt")["pixel_values"]
+    scene = ds.sample_scene(random.Random(0), count=1)
+    x = proc(images=ds.render_scene(scene), return_tensors="pt")["pixel_values"]
     assert tuple(x.shape) == (1, 3, 224, 224)
     with torch.no_grad():
         feats = model(pixel_values=x).last_hidden_state
@@ -315,7 +313,7 @@ def clip_features(clip_dir, scenes):
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
     model = CLIPVisionModel.from_pretrained(clip_dir).eval()
-    x = CLIPImageProcessor.from_pretrained(clip_dir)(images=[dd.render_scene(s) for s in scenes],
+    x = CLIPImageProcessor.from_pretrained(clip_dir)(images=[ds.render_scene(s) for s in scenes],
                                                      return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         return model(pixel_values=x).last_hidden_state
@@ -323,12 +321,12 @@ def clip_features(clip_dir, scenes):
 
 def test_demo_clip_features_tell_pictures_apart(clip_dir):
     rng = random.Random(1)
-    spread = clip_features(clip_dir, [dd.sample_scene(rng) for _ in range(16)]).std(0).mean().item()
+    spread = clip_features(clip_dir, [ds.sample_scene(rng) for _ in range(16)]).std(0).mean().item()
     assert spread > 0.1, f"features barely change between pictures (std {spread:.3f})"
 
-    red = dd.sample_scene(random.Random(2), count=1, colour="红色", shape="圆形", position="中间")
-    variants = [red, dict(red, colour="蓝色", rgb=dd.COLOURS["蓝色"]),
-                dict(red, colour="橙色", rgb=dd.COLOURS["橙色"]), dict(red, shape="正方形")]
+    red = ds.sample_scene(random.Random(2), count=1, colour="红色", shape="圆形", position="中间")
+    variants = [red, dict(red, colour="蓝色", rgb=ds.COLOURS["蓝色"]),
+                dict(red, colour="橙色", rgb=ds.COLOURS["橙色"]), dict(red, shape="正方形")]
     f = clip_features(clip_dir, variants)
     for other in f[1:]:
         rel = ((f[0] - other).norm() / f[0].norm()).item()
@@ -341,10 +339,10 @@ def test_demo_clip_features_tell_pictures_apart(clip_dir):
 def test_demo_clip_tokens_carry_their_position(clip_dir):
     """A shape moved right by exactly three patches: the tokens show the same patches in another
     order, so without position embeddings (CLIP's 0.02 init is ~1% of a patch) their mean hardly
-    changes (0.5% of what a colour change does). The demo CLIP's tokens must say where they are."""
-    base = dd.sample_scene(random.Random(3), count=1, colour="红色", shape="圆形", position="左上")
+    changes (see docs/demo_notes.md). The demo CLIP's tokens must say where they are."""
+    base = ds.sample_scene(random.Random(3), count=1, colour="红色", shape="圆形", position="左上")
     moved = dict(base, items=[(cx + 96, cy, size) for cx, cy, size in base["items"]])
-    blue = dict(base, colour="蓝色", rgb=dd.COLOURS["蓝色"])
+    blue = dict(base, colour="蓝色", rgb=ds.COLOURS["蓝色"])
     pooled = clip_features(clip_dir, [base, moved, blue]).mean(dim=1)
     moved_change, colour_change = ((pooled[0] - pooled[k]).norm().item() for k in (1, 2))
     assert moved_change > 0.1 * colour_change, (moved_change, colour_change)
@@ -354,44 +352,44 @@ def test_demo_clip_is_seeded_and_reused(clip_dir, tmp_path):
     from safetensors.torch import load_file
     import torch
 
-    again = dd.make_demo_clip(str(tmp_path / "again"), seed=0, hidden_size=128)
-    other = dd.make_demo_clip(str(tmp_path / "other"), seed=1, hidden_size=128)
+    again = ds.make_demo_clip(str(tmp_path / "again"), seed=0, hidden_size=128)
+    other = ds.make_demo_clip(str(tmp_path / "other"), seed=1, hidden_size=128)
     a, b, c = (load_file(os.path.join(p, "model.safetensors")) for p in (clip_dir, again, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["vision_model.embeddings.patch_embedding.weight"],
                            c["vision_model.embeddings.patch_embedding.weight"])
     weights = os.path.join(again, "model.safetensors")
     os.utime(weights, (1, 1))
-    dd.make_demo_clip(again, seed=0, hidden_size=128)
+    ds.make_demo_clip(again, seed=0, hidden_size=128)
     assert os.path.getmtime(weights) == 1
-    dd.make_demo_clip(again, seed=0, hidden_size=128, force=True)
+    ds.make_demo_clip(again, seed=0, hidden_size=128, force=True)
     assert os.path.getmtime(weights) != 1
-    dd.make_demo_clip(again, seed=0, hidden_size=64)  # other settings: rebuilt, not reused
+    ds.make_demo_clip(again, seed=0, hidden_size=64)  # other settings: rebuilt, not reused
     assert load_file(weights)["vision_model.post_layernorm.weight"].shape == (64,)
 
 
 def test_rehearsal_mixes_single_picture_records_into_the_multi_set(tmp_path):
     out = tmp_path / "demo"
-    dd.generate_demo_data(str(out), seed=0, n_pretrain=2, n_sft=2, n_multi=4, n_heldout=6, n_rehearsal=3)
+    ds.generate_demo_data(str(out), seed=0, n_pretrain=2, n_sft=2, n_multi=4, n_heldout=6, n_rehearsal=3)
     records = load(str(out), "sft_multi")
     singles = [r for r in records if "," not in r["image"]]
     assert len(records) == 7 and len(singles) == 3
     for r in singles:
         assert r["conversations"][0]["value"].startswith("<image>\n")
-        assert os.path.exists(os.path.join(str(out), dd.FILES["sft_multi"][1], r["image"]))
+        assert os.path.exists(os.path.join(str(out), ds.FILES["sft_multi"][1], r["image"]))
 
 
 def test_pretrain_target_needs_colour_and_shape_only():
     r = rec("caption", colour="紫色", shape="三角形", count=2)
-    assert dd.names_colour_and_shape(r, "图中有三个紫色的三角形。")        # count wrong: still named
-    assert not dd.names_colour_and_shape(r, "图中有两个紫色的圆形。")
-    assert not dd.names_colour_and_shape(r, "图中有两个蓝色的三角形。")
-    assert not dd.names_colour_and_shape(r, "图中有两个紫色和蓝色的三角形。")
+    assert ds.names_colour_and_shape(r, "图中有三个紫色的三角形。")        # count wrong: still named
+    assert not ds.names_colour_and_shape(r, "图中有两个紫色的圆形。")
+    assert not ds.names_colour_and_shape(r, "图中有两个蓝色的三角形。")
+    assert not ds.names_colour_and_shape(r, "图中有两个紫色和蓝色的三角形。")
 
 
 def test_command_line_writes_data_and_clip(tmp_path, capsys):
     out, clip = tmp_path / "demo", tmp_path / "clip"
-    dd.main(["--out_dir", str(out), "--n_pretrain", "3", "--n_sft", "3", "--n_multi", "2", "--n_rehearsal", "1",
+    demo_shapes_cli(["--out_dir", str(out), "--n_pretrain", "3", "--n_sft", "3", "--n_multi", "2", "--n_rehearsal", "1",
              "--n_heldout", "6", "--clip_path", str(clip), "--clip_hidden_size", "64"])
     assert "rehearsal" in capsys.readouterr().out
     multi = load(str(out), "sft_multi")
