@@ -30,6 +30,7 @@ Random access decodes a whole row group, so files with huge row groups get a war
 time: `scripts/convert_data.py` rewrites them with small ones.
 """
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataset.records import BadRecord, RawRecord
+from dataset.records import BadRecord, RawRecord, valid_unicode
 from model.config import IMAGE_MARK, IMAGE_PLACEHOLDER_IDS
 
 logger = logging.getLogger(__name__)
@@ -242,21 +243,6 @@ def _values(column) -> list:
         return [_value(column, k) for k in range(len(column))]
 
 
-def _valid_unicode(obj) -> bool:
-    """False if a string holds a lone surrogate (a "\\udXXX" JSON escape): not valid UTF-8."""
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(obj, dict):
-        return all(_valid_unicode(k) and _valid_unicode(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return all(_valid_unicode(v) for v in obj)
-    return True
-
-
 def _parse_turns(value, text_is_json: bool) -> list:
     """The turns of a row as stored; BadRecord if the text cannot be read as a list of them."""
     if value is None:
@@ -275,7 +261,7 @@ def _parse_turns(value, text_is_json: bool) -> list:
         # those, so a {from, value} turn does not also claim a role.
         turns = [t if t is None else {k: v for k, v in t.items() if v is not None}
                  for t in value]
-    if not _valid_unicode(turns):
+    if not valid_unicode(turns):
         raise BadRecord("text is not valid UTF-8")
     return turns
 
@@ -438,6 +424,17 @@ class ParquetRecords:
 
     def __len__(self) -> int:
         return int(self._file_starts[-1])
+
+    @property
+    def fingerprint(self) -> str:
+        """Names these files as they are now (paths, sizes, modification times): what a row
+        holds cannot change without it changing, so work keyed on it (the feature cache's
+        sample -> picture map) can be reused."""
+        h = hashlib.sha1()
+        for f in self._files:
+            st = os.stat(f.path)
+            h.update(f"{os.path.realpath(f.path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
 
     @property
     def paths(self) -> List[str]:

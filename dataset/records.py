@@ -1,11 +1,27 @@
-"""What every data source hands the dataset: one raw record at a time, or the reason it is bad.
+"""What a training record is, where records come from, and when one is bad.
 
-Sources (JSON/JSONL files with an image folder, Parquet files with pictures inside) differ only
-in how a record is stored. They all give a `RawRecord`: the turns as the file holds them and the
-pictures the turns' `<image>` marks refer to (in order). Checking the turns, tokenizing and
-decoding the pictures is the dataset's job, the same for every source.
+Sources differ only in how a record is stored:
+- `JsonRecords`: a JSON list or JSONL file plus an images folder (the original v1 layout);
+- `ParquetRecords` (dataset/parquet.py): Parquet files with the pictures inside (the official
+  layout since 2025-12, and Hub-style LLaVA files).
+Each gives a `RawRecord` per index: the turns as the file holds them and the pictures the
+turns' `<image>` marks refer to, in order (file paths or encoded bytes). `conversation` checks
+the turns the same way for every source; the dataset (vlm_dataset.py) does the rest.
+
+Sources keep only a compact index in memory (byte offsets, row groups, one length estimate per
+record), never the records themselves, so a dataset of millions of rows stays small in every
+process and every DataLoader worker.
 """
-from typing import List, NamedTuple, Union
+import json
+import os
+from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+
+from model.config import IMAGE_MARK, IMAGE_PLACEHOLDER_IDS
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+TEMPLATE_TOKENS_PER_TURN = 8   # rough cost of "<s>user\n ... </s>\n" in approx_lengths
 
 
 class BadRecord(Exception):
@@ -16,3 +32,246 @@ class RawRecord(NamedTuple):
     record_id: object                  # the record's "id" if it has one, else None
     turns: list                        # [{"from", "value"}] or [{"role", "content"}], as stored
     pictures: List[Union[str, bytes]]  # file paths or encoded picture bytes, one per <image> mark
+
+
+# ---------------------------------------------------------------------------- checks
+def valid_unicode(obj) -> bool:
+    """False if any string holds a lone surrogate: a byte that was not UTF-8 (decoded with
+    surrogateescape) or a "\\udXXX" escape. Either would break tokenization later."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(obj, dict):
+        return all(valid_unicode(k) and valid_unicode(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(valid_unicode(v) for v in obj)
+    return True
+
+
+def _turn(k: int, turn) -> dict:
+    if not isinstance(turn, dict):
+        raise BadRecord(f"bad turn: turn {k} is not an object")
+    role, text = ((turn.get("from"), turn.get("value")) if "from" in turn
+                  else (turn.get("role"), turn.get("content")))
+    if role not in ROLES:
+        raise BadRecord(f"bad turn: turn {k} has unknown role {role!r}")
+    if not isinstance(text, str):
+        raise BadRecord(f"bad turn: turn {k} has no string value/content")
+    return {"role": ROLES[role], "content": text}
+
+
+def conversation(turns, n_pictures: int, max_images: Optional[int] = None) -> List[dict]:
+    """Stored turns -> [{"role": "user"|"assistant", "content"}], or BadRecord saying why not:
+    turns must alternate user/assistant and end with an answer, answers must not be empty or
+    hold `<image>`, and the user turns' marks must match the pictures."""
+    if not isinstance(turns, list):
+        raise BadRecord("wrong field type: 'conversations' must be a list")
+    if not turns:
+        raise BadRecord("empty conversation")
+    messages = [_turn(k, t) for k, t in enumerate(turns, 1)]
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise BadRecord("no assistant turn")
+    for k, role in enumerate(roles):
+        if role != ("user" if k % 2 == 0 else "assistant"):
+            raise BadRecord(f"turns do not alternate user/assistant: turn {k + 1} is {role}")
+    if roles[-1] == "user":
+        raise BadRecord("conversation ends with an unanswered user turn")
+    marks = 0
+    for k, m in enumerate(messages, 1):
+        if m["role"] == "user":
+            marks += m["content"].count(IMAGE_MARK)
+        elif not m["content"].strip():
+            raise BadRecord(f"empty answer: turn {k}")
+        elif IMAGE_MARK in m["content"]:
+            raise BadRecord(f"{IMAGE_MARK} mark in an answer: turn {k}")
+    if marks != n_pictures:
+        raise BadRecord(f"image count mismatch: {marks} {IMAGE_MARK} mark(s) in user turns "
+                        f"but {n_pictures} image(s)")
+    if max_images is not None and n_pictures > max_images:
+        raise BadRecord(f"too many images: {n_pictures} > max_images={max_images}")
+    return messages
+
+
+def approx_length(messages) -> int:
+    """A cheap token-length estimate: about one token per character (true for Chinese,
+    generous for English) plus the placeholder of every picture and the template per turn."""
+    marks = sum(m["content"].count(IMAGE_MARK) for m in messages)
+    chars = sum(len(m["content"]) for m in messages) - marks * len(IMAGE_MARK)
+    return chars + marks * len(IMAGE_PLACEHOLDER_IDS) + TEMPLATE_TOKENS_PER_TURN * len(messages)
+
+
+# ---------------------------------------------------------------------------- JSON / JSONL
+def read_json_lines(path: str):
+    """Yield (number, byte offset, record, error) for every record of a JSON-list or JSONL file.
+
+    `number` is the line number (JSONL) or the list index (JSON list, whose offset is None);
+    `error` is a reason string when the record could not be parsed (then `record` is None). A
+    JSON list that does not parse as a whole cannot be split into records: ValueError.
+    """
+    with open(path, "rb") as f:
+        first = next((line.strip() for line in f if line.strip()), b"")
+        is_list = first.lstrip(b"\xef\xbb\xbf").startswith(b"[")  # ignore a UTF-8 BOM
+        f.seek(0)
+        if is_list:
+            # Bad bytes survive as lone surrogates, so only the record holding them is rejected.
+            text = f.read().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not a valid JSON list ({e})") from None
+            if not isinstance(records, list):
+                raise ValueError(f"{path}: the JSON file must hold a list of records")
+            for i, record in enumerate(records):
+                yield i, None, record, None
+            return
+        offset = 0
+        for n, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if raw.strip():
+                yield (n, start, *_parse_line(raw))
+
+
+def json_ref(path: str, number: int, offset: Optional[int], record=None) -> str:
+    """"<path> line N" (JSONL) or "<path> record [i]" (JSON list), with the record's id."""
+    ref = f"{path} record [{number}]" if offset is None else f"{path} line {number}"
+    if isinstance(record, dict) and "id" in record:
+        ref += f" (id={record['id']!r})"   # repr: escapes any bad characters in the id
+    return ref
+
+
+def read_records(path: str):
+    """Yield (ref, record, error) for every record of a JSON-list or JSONL file."""
+    for number, offset, record, error in read_json_lines(path):
+        yield json_ref(path, number, offset, record), record, error
+
+
+def _parse_line(raw: bytes):
+    """(record, None) or (None, reason) for one JSONL line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"text is not valid UTF-8: byte {e.start} of the line"
+    try:
+        return json.loads(text.lstrip("\ufeff")), None
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON: {e.msg} at column {e.colno}"
+
+
+class JsonRecords:
+    """Records of a JSON list or JSONL file whose pictures are files in `images_dir`.
+
+    Built in one pass that runs the cheap checks (JSON, UTF-8, fields, turns, mark/picture
+    counts, picture files inside the folder, present and not empty): bad records are listed in
+    `load_problems` and left out. For JSONL only each good record's byte offset is kept and the
+    line is read again when needed; a JSON list cannot be read in parts and is kept whole (use
+    JSONL or Parquet for big data).
+    """
+
+    def __init__(self, path: str, images_dir: str, image_prefix: str = "", max_images: Optional[int] = None):
+        self.path, self.image_prefix, self.max_images = path, image_prefix, max_images
+        self.images_dir = os.path.abspath(images_dir)
+        self.load_problems: List[Tuple[str, str]] = []
+        self.n_read = 0
+        offsets, lines, lengths, kept = [], [], [], []
+        sizes = {}   # one stat per picture file, even when many records share it
+        for number, offset, record, error in read_json_lines(path):
+            self.n_read += 1
+            ref = json_ref(path, number, offset, record)
+            try:
+                if error:
+                    raise BadRecord(error)
+                messages, _ = self._check(record, sizes)
+            except BadRecord as bad:
+                self.load_problems.append((ref, str(bad)))
+                continue
+            lengths.append(approx_length(messages))
+            if offset is None:
+                kept.append((ref, record))
+            else:
+                offsets.append(offset)
+                lines.append(number)
+        self._records = kept if kept else None          # JSON list: the good records
+        self._offsets = np.array(offsets, dtype=np.int64)
+        self._lines = np.array(lines, dtype=np.int64)
+        self.approx_lengths = np.array(lengths, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self._records) if self._records is not None else len(self._offsets)
+
+    def _raw(self, i: int):
+        if self._records is not None:
+            return self._records[i]
+        with open(self.path, "rb") as f:
+            f.seek(int(self._offsets[i]))
+            record, _ = _parse_line(f.readline())
+        return json_ref(self.path, int(self._lines[i]), int(self._offsets[i]), record), record
+
+    def ref(self, i: int) -> str:
+        return self._raw(i)[0]
+
+    def read(self, i: int, with_pictures: bool = True) -> RawRecord:
+        _, record = self._raw(i)
+        messages, paths = self._check(record)
+        return RawRecord(record.get("id"), record["conversations"], paths if with_pictures else [])
+
+    def iter_pictures(self, start: int = 0, stop: Optional[int] = None, step: int = 1) -> Iterator[tuple]:
+        """(index, picture paths) of records start, start + step, ...; [] for one that has gone bad."""
+        for i in range(start, len(self) if stop is None else min(stop, len(self)), step):
+            try:
+                yield i, self.read(i).pictures
+            except BadRecord:
+                yield i, []
+
+    # ---- checks ---------------------------------------------------------------------------
+    def _check(self, record, sizes=None):
+        """(messages, picture paths) of a record, or BadRecord."""
+        if not isinstance(record, dict):
+            raise BadRecord("record is not a JSON object")
+        if not valid_unicode(record):
+            raise BadRecord("text is not valid UTF-8")
+        for key in ("conversations", "image"):
+            if key not in record:
+                raise BadRecord(f"missing field: {key!r}")
+        image = record["image"]
+        if not isinstance(image, str):
+            raise BadRecord("wrong field type: 'image' must be a string")
+        names = [n.strip() for n in image.split(",")] if image.strip() else []
+        if "" in names:
+            raise BadRecord(f"wrong field type: empty file name in 'image' ({image!r})")
+        messages = conversation(record["conversations"], len(names), self.max_images)
+        paths = [self._picture_path(n) for n in names]
+        if sizes is not None:
+            for path in paths:
+                if path not in sizes:
+                    sizes[path] = os.path.getsize(path) if os.path.isfile(path) else None
+                if sizes[path] is None:
+                    raise BadRecord(f"image file missing: {path}")
+                if sizes[path] == 0:
+                    raise BadRecord(f"image file is empty (0 bytes): {path}")
+        return messages, paths
+
+    def _picture_path(self, name: str) -> str:
+        """The file of picture `name`, which must lie inside the images folder: a dataset must
+        not make training read files from elsewhere ("../../secret.png", "/etc/x.png")."""
+        path = os.path.normpath(os.path.join(self.images_dir, self.image_prefix + name))
+        if os.path.isabs(name) or not path.startswith(self.images_dir + os.sep):
+            raise BadRecord(f"image path outside the images folder: {name!r}")
+        return path
+
+
+def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix: str = "",
+                 max_images: Optional[int] = None):
+    """The source for `data_path`: Parquet (a file, a folder of shards or a glob) or JSON/JSONL."""
+    from dataset.parquet import ParquetRecords, is_parquet
+
+    if is_parquet(data_path):
+        return ParquetRecords(data_path)
+    if not os.path.isfile(data_path):
+        raise FileNotFoundError(f"data file {data_path} not found (see README: Data)")
+    if images_dir is None:
+        raise ValueError(f"{data_path} names its pictures by file: give the images folder (--images_path)")
+    return JsonRecords(data_path, images_dir, image_prefix, max_images)

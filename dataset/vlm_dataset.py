@@ -1,45 +1,45 @@
-"""The dataset layer: MiniMind-V conversation records -> token ids, labels and images.
+"""The dataset layer: records (from any source, see records.py) -> token ids, labels, pictures.
 
-A data file is a JSON list of records or JSONL (one record a line). A record:
+A data path is JSON/JSONL with an images folder (the original v1 layout) or Parquet with the
+pictures inside (the official layout since 2025-12; a file, a folder of shards or a glob). A
+JSON record:
 
     {"id": 7, "image": "a.jpg, b.jpg",
      "conversations": [{"from": "human", "value": "<image>\\n<image>\\nWhat differs?"},
                        {"from": "gpt", "value": "..."}]}
 
 Turns may also be written {"role": "user"|"assistant", "content": ...}. The n-th `<image>` mark
-(counted over the user turns) is the n-th file of "image"; files live in `images_dir`, and
-`image_prefix` is put before every name (the COCO SFT data needs "COCO_train2014_").
-An empty "image" string means a text-only record (no marks allowed then).
+(counted over the user turns) is the n-th picture. An empty "image" string means a text-only
+record (no marks allowed then); a Parquet row without marks is text-only whatever its picture
+column holds.
 
-Bad data is skipped, never fatal (unless strict=True), in two places:
-* at construction, cheap checks (JSON, UTF-8, fields, turn order, mark/image counts, files exist
-  inside the images folder and are not empty) drop bad records and log one warning line each;
-* in __getitem__, costly checks (full image decode, token length) return a `Skipped` object
-  instead of raising, even with strict=True. DataLoader workers cannot update the parent's
-  counters (nor stop a run in one line), so the skip travels inside the batch
+Bad data is skipped, never fatal (unless strict=True):
+* JSON sources run the cheap checks (JSON, UTF-8, fields, turn order, mark/picture counts,
+  files inside the images folder, present and not empty) while indexing; Parquet sources
+  check each row when it is read (indexing a million rows parses none of them);
+* __getitem__ runs the rest (parsing, full picture decode, token length) and returns a
+  `Skipped` object instead of raising, even with strict=True. DataLoader workers cannot update
+  the parent's counters (nor stop a run in one line), so the skip travels inside the batch
   (`batch["skipped"]`); the trainer hands each pair back to `dataset.report(ref, reason)` in
   the main process, which counts it (or, strict, raises the one-line error).
 Every reason reads "<kind>" or "<kind>: <detail>"; `summary()` counts problems per kind.
 """
-import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dataset.records import BadRecord, conversation, open_records
 from model.config import IGNORE_INDEX, IMAGE_MARK
 from model.prompt import count_placeholders, encode_conversation
 from model.vision import ImageError, load_image
 
 logger = logging.getLogger(__name__)
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-TEMPLATE_TOKENS_PER_TURN = 8  # rough cost of "<s>user\n ... </s>\n" in `approx_lengths`
 
 
 @dataclass(frozen=True)
@@ -48,64 +48,6 @@ class Skipped:
     index: int
     record_ref: str
     reason: str
-
-
-class _Bad(Exception):
-    """A problem with one record; the message is the reason ("kind" or "kind: detail")."""
-
-
-def _valid_unicode(obj) -> bool:
-    """False if any string holds a lone surrogate: a byte that was not UTF-8 (decoded with
-    surrogateescape) or a "\\udXXX" escape. Either would break tokenization later."""
-    if isinstance(obj, str):
-        try:
-            obj.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(obj, dict):
-        return all(_valid_unicode(k) and _valid_unicode(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return all(_valid_unicode(v) for v in obj)
-    return True
-
-
-def read_records(path: str):
-    """Yield (ref, record, error) for every record of a JSON-list or JSONL file.
-
-    `ref` names the file and the line (JSONL) or list index (JSON); `error` is a reason string
-    when the record could not be parsed (then `record` is None). A JSON list that does not parse
-    as a whole cannot be split into records, so that raises ValueError.
-    """
-    with open(path, "rb") as f:
-        first = next((line.strip() for line in f if line.strip()), b"")
-        is_list = first.lstrip(b"\xef\xbb\xbf").startswith(b"[")  # ignore a UTF-8 BOM
-        f.seek(0)
-        if is_list:
-            # Bad bytes survive as lone surrogates, so only the record holding them is rejected.
-            text = f.read().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not a valid JSON list ({e})") from None
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: the JSON file must hold a list of records")
-            for i, record in enumerate(records):
-                yield f"{path} record [{i}]", record, None
-            return
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            ref = f"{path} line {n}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield ref, None, f"text is not valid UTF-8: byte {e.start} of the line"
-                continue
-            try:
-                yield ref, json.loads(text.lstrip("\ufeff")), None
-            except json.JSONDecodeError as e:
-                yield ref, None, f"malformed JSON: {e.msg} at column {e.colno}"
 
 
 def summarize(problems, header: str = "") -> str:
@@ -118,60 +60,38 @@ def summarize(problems, header: str = "") -> str:
 
 
 class VLMDataset(Dataset):
-    """Conversation records with images -> {"input_ids", "labels", "pixel_values" | ...}.
+    """Conversation records with pictures -> {"input_ids", "labels", "pixel_values" | "image_features"}.
 
-    image_mode="pixels": items hold "pixel_values" = preprocess(list of PIL RGB images), a
-    FloatTensor [n_images, 3, H, W] (None for a text-only sample).
-    image_mode="paths": items hold only "image_paths" (no decoding), for the feature cache.
-    Items always hold "image_paths": the absolute paths of the images the kept turns use.
+    Items hold "pixel_values" = preprocess(the pictures, as load_image opens them), a tensor
+    [n_images, 3, H, W] (None for a text-only sample); after `use_features(store)` they hold
+    "image_features" [n_images, 50, width] read from the feature cache instead, and the
+    pictures are never read.
     """
 
-    def __init__(self, data_path: str, images_dir: str, tokenizer, image_ids: Sequence[int],
+    def __init__(self, data_path: str, images_dir: Optional[str], tokenizer, image_ids: Sequence[int],
                  max_seq_len: int = 512, max_turns: Optional[int] = None, image_prefix: str = "",
                  max_images: Optional[int] = None, strict: bool = False,
-                 image_mode: str = "pixels", preprocess: Optional[Callable] = None, log_problems: bool = True):
-        if image_mode not in ("pixels", "paths"):
-            raise ValueError(f"image_mode must be 'pixels' or 'paths', not {image_mode!r}")
-        if image_mode == "pixels" and preprocess is None:
-            raise ValueError("image_mode='pixels' needs a preprocess callable")
+                 preprocess: Optional[Callable] = None, log_problems: bool = True):
         if max_turns is not None and max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, not {max_turns}")
         self.data_path = data_path
-        self.images_dir = os.path.abspath(images_dir)
+        self.source = open_records(data_path, images_dir, image_prefix, max_images)
         self.tokenizer = tokenizer
         self.image_ids = list(image_ids)
         self.max_seq_len = max_seq_len
         self.max_turns = max_turns
-        self.image_prefix = image_prefix
         self.max_images = max_images
         self.strict = strict
-        self.image_mode = image_mode
         self.preprocess = preprocess
+        self.features = None
         self.log_problems = log_problems  # under torchrun only rank 0 logs; every rank counts
+        self.indices = np.arange(len(self.source), dtype=np.int64)   # source rows still in use
 
         self.problems: List[tuple] = []  # (record_ref, reason), one per bad record
         self._reported = set()
-        self._shared = 0  # problems[:_shared] are known to every rank (see take_new_problems)
-        self._file_sizes = {}  # one stat per file, even when many records share an image
-        self.samples = []  # (ref, record id, messages, absolute image paths)
-        self.n_read = 0
-        for ref, record, error in read_records(data_path):
-            self.n_read += 1
-            if isinstance(record, dict) and "id" in record:
-                ref += f" (id={record['id']!r})"  # repr: escapes any bad characters in the id
-            try:
-                if error:
-                    raise _Bad(error)
-                messages, paths = self._check(record)
-            except _Bad as bad:
-                self.report(ref, str(bad))
-                continue
-            self.samples.append((ref, record.get("id"), messages, paths))
-        self._file_sizes = {}  # only needed while loading; don't ship it to every worker
+        for ref, reason in getattr(self.source, "load_problems", ()):
+            self.report(ref, reason)
         self._shared = len(self.problems)  # every rank finds the same load-time problems
-        # Cheap length estimates for length-grouped batching: about one token per character
-        # (true for Chinese, generous for English) plus the placeholder of every image.
-        self.approx_lengths = [self._approx_length(s[2]) for s in self.samples]
 
     # ---- problems -------------------------------------------------------------------------
 
@@ -195,112 +115,34 @@ class VLMDataset(Dataset):
         new, self._shared = self.problems[self._shared:], len(self.problems)
         return new
 
-    def drop_images(self, bad: dict) -> None:
-        """Drop (and report) every record that uses a picture of `bad` ({path: reason}): the
-        feature cache decodes pictures itself, so paths mode learns of broken ones from it."""
-        if not bad:
-            return
-        kept = []
-        for sample in self.samples:
-            reasons = [bad[p] for p in sample[3] if p in bad]
-            if reasons:
-                self.report(sample[0], reasons[0])
-            else:
-                kept.append(sample)
-        self.samples = kept
-        self.approx_lengths = [self._approx_length(s[2]) for s in kept]
-
     def summary(self) -> str:
-        return summarize(self.problems, f"{self.data_path}: {self.n_read} record(s) read, "
-                                        f"{len(self.samples)} passed the load-time checks")
+        n_read = getattr(self.source, "n_read", len(self.source))
+        return summarize(self.problems, f"{self.data_path}: {n_read} record(s), {len(self)} in use")
 
-    # ---- load-time checks -----------------------------------------------------------------
+    # ---- pictures from the feature cache --------------------------------------------------
 
-    @staticmethod
-    def _turn(k: int, turn) -> dict:
-        if not isinstance(turn, dict):
-            raise _Bad(f"bad turn: turn {k} is not an object")
-        role, text = ((turn.get("from"), turn.get("value")) if "from" in turn
-                      else (turn.get("role"), turn.get("content")))
-        if role not in ROLES:
-            raise _Bad(f"bad turn: turn {k} has unknown role {role!r}")
-        if not isinstance(text, str):
-            raise _Bad(f"bad turn: turn {k} has no string value/content")
-        return {"role": ROLES[role], "content": text}
+    def use_features(self, store) -> None:
+        """Read every sample's pictures as cached CLIP features from `store` (see
+        trainer/feature_cache.py); samples whose pictures could not be encoded are reported
+        and left out."""
+        self.features = store
+        usable = np.ones(len(self.indices), dtype=bool)
+        for position, i in enumerate(self.indices.tolist()):
+            reason = store.problem(i)
+            if reason:
+                self.report(self.source.ref(i), reason)
+                usable[position] = False
+        self.indices = self.indices[usable]
 
-    def _file_size(self, path: str) -> Optional[int]:
-        if path not in self._file_sizes:
-            self._file_sizes[path] = os.path.getsize(path) if os.path.isfile(path) else None
-        return self._file_sizes[path]
+    @property
+    def approx_lengths(self) -> np.ndarray:
+        """Cheap token-length estimates, for batching samples of similar length."""
+        return self.source.approx_lengths[self.indices]
 
-    def _check(self, record):
-        """Cheap checks of one record; return (messages, image paths) or raise _Bad."""
-        if not isinstance(record, dict):
-            raise _Bad("record is not a JSON object")
-        if not _valid_unicode(record):
-            raise _Bad("text is not valid UTF-8")
-        for key in ("conversations", "image"):
-            if key not in record:
-                raise _Bad(f"missing field: {key!r}")
-        turns, image = record["conversations"], record["image"]
-        if not isinstance(turns, list):
-            raise _Bad("wrong field type: 'conversations' must be a list")
-        if not isinstance(image, str):
-            raise _Bad("wrong field type: 'image' must be a string")
-        if not turns:
-            raise _Bad("empty conversation")
-        messages = [self._turn(k, t) for k, t in enumerate(turns, 1)]
-        roles = [m["role"] for m in messages]
-        if "assistant" not in roles:
-            raise _Bad("no assistant turn")
-        for k, role in enumerate(roles):
-            if role != ("user" if k % 2 == 0 else "assistant"):
-                raise _Bad(f"turns do not alternate user/assistant: turn {k + 1} is {role}")
-        if roles[-1] == "user":
-            raise _Bad("conversation ends with an unanswered user turn")
-        marks = 0
-        for k, m in enumerate(messages, 1):
-            if m["role"] == "user":
-                marks += m["content"].count(IMAGE_MARK)
-            elif not m["content"].strip():
-                raise _Bad(f"empty answer: turn {k}")
-            elif IMAGE_MARK in m["content"]:
-                raise _Bad(f"{IMAGE_MARK} mark in an answer: turn {k}")
-        names = [n.strip() for n in image.split(",")] if image.strip() else []
-        if "" in names:
-            raise _Bad(f"wrong field type: empty file name in 'image' ({image!r})")
-        if marks != len(names):
-            raise _Bad(f"image count mismatch: {marks} {IMAGE_MARK} mark(s) in user turns "
-                       f"but {len(names)} image(s)")
-        if self.max_images is not None and len(names) > self.max_images:
-            raise _Bad(f"too many images: {len(names)} > max_images={self.max_images}")
-        paths = [self._image_path(n) for n in names]
-        for path in paths:
-            size = self._file_size(path)
-            if size is None:
-                raise _Bad(f"image file missing: {path}")
-            if size == 0:
-                raise _Bad(f"image file is empty (0 bytes): {path}")
-        return messages, paths
-
-    def _image_path(self, name: str) -> str:
-        """The file of picture `name`, which must lie inside the images folder: a dataset must
-        not make training read files from elsewhere ("../../secret.png", "/etc/x.png")."""
-        path = os.path.normpath(os.path.join(self.images_dir, self.image_prefix + name))
-        if os.path.isabs(name) or not path.startswith(self.images_dir + os.sep):
-            raise _Bad(f"image path outside the images folder: {name!r}")
-        return path
+    # ---- items ----------------------------------------------------------------------------
 
     def _limit_turns(self, messages):
         return messages if self.max_turns is None else messages[: 2 * self.max_turns]
-
-    def _approx_length(self, messages) -> int:
-        messages = self._limit_turns(messages)
-        marks = sum(m["content"].count(IMAGE_MARK) for m in messages)
-        chars = sum(len(m["content"]) for m in messages) - marks * len(IMAGE_MARK)
-        return chars + marks * len(self.image_ids) + TEMPLATE_TOKENS_PER_TURN * len(messages)
-
-    # ---- items ----------------------------------------------------------------------------
 
     def _fit(self, messages):
         """Encode the longest prefix of complete user/assistant pairs within max_seq_len.
@@ -314,42 +156,52 @@ class VLMDataset(Dataset):
             ids, mask = encode_conversation(self.tokenizer, kept, self.image_ids)
             if len(ids) <= self.max_seq_len:
                 return kept, ids, mask
-        raise _Bad(f"longer than max_seq_len={self.max_seq_len}: "
-                   f"the first turn pair alone has {len(ids)} tokens")
+        raise BadRecord(f"longer than max_seq_len={self.max_seq_len}: "
+                        f"the first turn pair alone has {len(ids)} tokens")
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.indices)
 
     def __getitem__(self, index: int):
-        ref, record_id, messages, paths = self.samples[index]
+        row = int(self.indices[index])
         try:
+            if self.features is not None:
+                raw = self.source.read(row, with_pictures=False)
+                features = self.features.of(row)
+                n_pictures = len(features)
+            else:
+                raw = self.source.read(row)
+                n_pictures = len(raw.pictures)
+            messages = conversation(raw.turns, n_pictures, self.max_images)
             kept, ids, mask = self._fit(self._limit_turns(messages))
             n_images = sum(m["content"].count(IMAGE_MARK) for m in kept if m["role"] == "user")
-            # The model swaps placeholder spans for image features in order: they must match.
+            # The model swaps placeholder spans for pictures in order: they must match.
             found = count_placeholders(ids, self.image_ids)
             if found != n_images:
-                raise _Bad(f"placeholder count mismatch: {found} span(s) in the ids "
-                           f"for {n_images} image(s)")
+                raise BadRecord(f"placeholder count mismatch: {found} span(s) in the ids "
+                                f"for {n_images} image(s)")
             item = {"input_ids": torch.tensor(ids, dtype=torch.long),
                     "labels": torch.tensor([t if m else IGNORE_INDEX for t, m in zip(ids, mask)],
                                            dtype=torch.long),
-                    "index": index, "id": record_id, "image_paths": paths[:n_images]}
-            if self.image_mode == "pixels":
-                item["pixel_values"] = self._pixels(item["image_paths"])
-        except _Bad as bad:
-            return Skipped(index, ref, str(bad))
+                    "index": index, "id": raw.record_id, "n_images": n_images}
+            if self.features is not None:
+                item["image_features"] = features[:n_images] if n_images else None
+            else:
+                item["pixel_values"] = self._pixels(raw.pictures[:n_images])
+        except BadRecord as bad:
+            return Skipped(index, self.source.ref(row), str(bad))
         return item
 
-    def _pixels(self, paths) -> Optional[torch.Tensor]:
-        if not paths:
+    def _pixels(self, pictures) -> Optional[torch.Tensor]:
+        if not pictures:
             return None
         try:
-            images = [load_image(p) for p in paths]
+            images = [load_image(p) for p in pictures]
         except ImageError as e:
-            raise _Bad(f"image cannot be decoded: {e}") from None
+            raise BadRecord(f"image cannot be decoded: {e}") from None
         pixels = self.preprocess(images)
-        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or len(pixels) != len(paths):
-            raise TypeError(f"preprocess must return a tensor [{len(paths)}, 3, H, W], "
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or len(pixels) != len(pictures):
+            raise TypeError(f"preprocess must return a tensor [{len(pictures)}, 3, H, W], "
                             f"got {getattr(pixels, 'shape', type(pixels))}")
         return pixels
 
@@ -358,10 +210,10 @@ def collate(batch, pad_id: int = 0) -> dict:
     """Pad a list of items (right padding, to the longest sample) into a batch.
 
     `Skipped` items are dropped and listed in "skipped" as (record_ref, reason) pairs. If every
-    item was skipped the batch has B=0: input_ids/labels/attention_mask of shape [0, 0] and
-    "pixel_values" None; the trainer should skip that step (check `input_ids.shape[0] == 0`).
-    "pixel_values" concatenates the images of all samples in order ([N_total, 3, H, W]) and
-    is None in paths mode or when no sample has an image; "images_per_sample" splits them.
+    item was skipped the batch has B=0: input_ids/labels/attention_mask of shape [0, 0]; the
+    trainer keeps its processes in step with an empty pass. "pixel_values" (or
+    "image_features") concatenates the pictures of all samples in order ([N_total, ...]) and is
+    None when no sample has one; "images_per_sample" splits them.
     """
     items = [x for x in batch if not isinstance(x, Skipped)]
     longest = max((len(x["input_ids"]) for x in items), default=0)
@@ -373,18 +225,14 @@ def collate(batch, pad_id: int = 0) -> dict:
         input_ids[b, :n] = x["input_ids"]
         labels[b, :n] = x["labels"]
         attention_mask[b, :n] = 1
-    pixels = [x["pixel_values"] for x in items if x.get("pixel_values") is not None]
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "pixel_values": torch.cat(pixels) if pixels else None,
-        "image_paths": [p for x in items for p in x["image_paths"]],
-        "images_per_sample": torch.tensor([len(x["image_paths"]) for x in items], dtype=torch.long),
-        "skipped": [(x.record_ref, x.reason) for x in batch if isinstance(x, Skipped)],
-        "indices": [x["index"] for x in items],
-        "ids": [x["id"] for x in items],
-    }
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+           "images_per_sample": torch.tensor([x["n_images"] for x in items], dtype=torch.long),
+           "skipped": [(x.record_ref, x.reason) for x in batch if isinstance(x, Skipped)],
+           "indices": [x["index"] for x in items], "ids": [x["id"] for x in items]}
+    for key in ("pixel_values", "image_features"):
+        pictures = [x[key] for x in items if x.get(key) is not None]
+        out[key] = torch.cat(pictures) if pictures else None
+    return out
 
 
 def make_collate(pad_id: int = 0):

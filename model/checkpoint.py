@@ -7,6 +7,7 @@ known harmless differences of old files are normalised away (see `normalize_stat
 import errno
 import glob
 import io
+import json
 import logging
 import os
 import re
@@ -76,10 +77,10 @@ EXPORT_PREFIX = "model."
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Our state_dict from a `.pth` file (weights or a training resume file) or from a folder
-    written by scripts/export_model.py."""
+    """Our state_dict from a `.pth` file (weights or a training resume file) or a weights folder
+    (see `is_weights_folder`). Read as tensors only: a file cannot run code when loaded."""
     if os.path.isdir(path):
-        return _read_export_weights(path)
+        return _read_folder_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -93,18 +94,61 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return normalize_state_dict(obj)
 
 
-def _read_export_weights(folder: str) -> Dict[str, torch.Tensor]:
+# --------------------------------------------------------------------------- weights folders
+# Two kinds hold MiniMind-V weights in the Hugging Face layout, and neither's code is ever run:
+# - the published v1 folders (minimind-v-v1, minimind-v-v1-small): config.json of the original
+#   (`dim`, `n_layers`, `n_heads`, ..., `auto_map` to its remote code) and pytorch_model.bin (or,
+#   on some mirrors, model.safetensors) holding our published keys, the tied embedding once;
+# - folders written by scripts/export_model.py: our config (model_type "minimind-v") and
+#   model.safetensors with the keys under `model.`.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def folder_config(folder: str) -> Optional[dict]:
+    """The folder's config.json as a dict, or None if it has none (or not a readable one)."""
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def is_weights_folder(path: str) -> bool:
+    config = folder_config(path) if os.path.isdir(path) else None
+    return config is not None and (config.get("model_type") == VLMConfig.model_type
+                                   or {"dim", "n_layers"} <= set(config))
+
+
+def _read_folder_weights(folder: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    weights = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights} not found: not an exported model folder, or an incomplete export")
+    if not is_weights_folder(folder):
+        raise CheckpointError(f"{folder} is not a MiniMind-V weights folder: no config.json with "
+                              f"model_type {VLMConfig.model_type!r} or the original's dim and n_layers")
+    path = next((os.path.join(folder, n) for n in WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))), None)
+    if path is None:
+        raise FileNotFoundError(f"{folder} holds no weights: expected {' or '.join(WEIGHT_FILES)}")
     try:
-        sd = load_file(weights)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {weights}: {e}") from None
+        sd = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                             weights_only=True)
+    except Exception as e:  # pickle refused, truncated file, ...
+        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state_dict of tensors")
     return normalize_state_dict({k[len(EXPORT_PREFIX):] if k.startswith(EXPORT_PREFIX) else k: v
                                  for k, v in sd.items()})
+
+
+def config_for(path: str, sd: Dict[str, torch.Tensor]) -> VLMConfig:
+    """The config of the weights `sd` read from `path`: an export's own config.json; otherwise
+    the size read off the weight shapes, with the head count of an original folder's config
+    (a `.pth` file has none: see config_from_state_dict)."""
+    config = folder_config(path) if os.path.isdir(path) else None
+    if config and config.get("model_type") == VLMConfig.model_type:
+        return VLMConfig.from_pretrained(path)
+    heads = {"n_heads": config["n_heads"]} if config and isinstance(config.get("n_heads"), int) else {}
+    return config_from_state_dict(sd, path, **heads)
 
 
 def normalize_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -213,8 +257,7 @@ def build_vlm(weights: Optional[str] = None, config: Optional[VLMConfig] = None,
 
     sd = read_state_dict(weights) if weights else None
     if config is None:
-        config = (config_from_state_dict(sd, weights, **config_overrides) if sd is not None
-                  else VLMConfig(**config_overrides))
+        config = config_for(weights, sd) if sd is not None else VLMConfig(**config_overrides)
     if vision_model_path:
         config.vision_model_path = vision_model_path
     encoder = VisionEncoder.from_pretrained(config.vision_model_path, layer=config.vision_layer,

@@ -9,7 +9,6 @@ and the demo.
 Problems a user can fix (a missing file, a picture that is not one) raise `UserError`, whose
 message is one line that names the path and what to do: front ends show it without a traceback.
 """
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 import torch
 from PIL import Image
 
-from .checkpoint import CheckpointError, build_vlm, config_from_state_dict, load_weights, read_state_dict
+from .checkpoint import (CheckpointError, build_vlm, config_for, folder_config, is_weights_folder, load_weights,
+                         read_state_dict)
 from .config import DEFAULT_VISION_MODEL, DEMO_VISION_MODEL, REPO_ROOT, VLMConfig, size_tag
 from .prompt import PICTURE_SLOT, count_placeholders, encode_chat_prompt
 
@@ -53,20 +53,12 @@ def weight_path(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = size_tag(5
     return os.path.join(out_dir, f"{tag}_vlm_{name}.pth") if name in WEIGHT_NAMES else name
 
 
-def is_export_dir(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            return json.load(f).get("model_type") == VLMConfig.model_type
-    except (OSError, ValueError):
-        return False
-
-
 def resolve_weights(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = size_tag(512)) -> str:
     path = weight_path(name, out_dir, tag)
     if os.path.isdir(path):
-        if not is_export_dir(path):
-            raise UserError(f"{path} is not an exported MiniMind-V folder (no config.json with "
-                            f"model_type {VLMConfig.model_type!r}); export one with scripts/export_model.py")
+        if not is_weights_folder(path):
+            raise UserError(f"{path} is not a MiniMind-V weights folder (a published v1 folder or one written "
+                            f"by scripts/export_model.py): its config.json is missing or not MiniMind's")
         return path
     if not os.path.isfile(path):
         raise UserError(f"weights not found: {path}; {WEIGHTS_HINT}")
@@ -83,7 +75,7 @@ def find_checkpoints(out_dir: str = DEFAULT_OUT_DIR) -> List[str]:
             path = os.path.join(folder, name)
             if name.endswith(".pth") and "_vlm_" in name and os.path.isfile(path):
                 found.append(path)
-            elif is_export_dir(path):
+            elif is_weights_folder(path):
                 found.append(path)
             elif depth == 0 and os.path.isdir(path):
                 scan(path, 1)
@@ -94,10 +86,9 @@ def find_checkpoints(out_dir: str = DEFAULT_OUT_DIR) -> List[str]:
 
 
 # -- loading ------------------------------------------------------------------------------------
-def read_export(folder: str):
-    """(config, state_dict) of a folder written by scripts/export_model.py, read without running
-    the folder's remote code."""
-    return VLMConfig.from_pretrained(folder), read_state_dict(folder)
+def is_export(path: str) -> bool:
+    """A folder written by scripts/export_model.py (it records its CLIP folder)."""
+    return (folder_config(path) or {}).get("model_type") == VLMConfig.model_type
 
 
 def clip_width(folder: str) -> Optional[int]:
@@ -129,12 +120,9 @@ def load_model(weights: str, vision_model_path: Optional[str] = None, device: st
     of the default and demo CLIP folders whose width fits the weights.
     """
     try:
-        if os.path.isdir(weights):
-            config, sd = read_export(weights)
-            recorded = config.vision_model_path
-        else:
-            sd = read_state_dict(weights)
-            config, recorded = config_from_state_dict(sd, weights), None
+        sd = read_state_dict(weights)
+        config = config_for(weights, sd)
+        recorded = config.vision_model_path if is_export(weights) else None
         vision = vision_model_path or choose_vision_model(config.vision_hidden_size, recorded)
         model = build_vlm(config=config, vision_model_path=vision)
         kind = load_weights(model, sd, name=weights)

@@ -53,8 +53,9 @@ def check_dataset(data_path, images_dir, **options):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_path", required=True, help="JSON list or JSONL file")
-    parser.add_argument("--images_dir", required=True)
+    parser.add_argument("--data_path", required=True,
+                        help="JSON list or JSONL file, or Parquet (a file, a folder of shards or a glob)")
+    parser.add_argument("--images_dir", default=None, help="the pictures of JSON/JSONL data (Parquet holds its own)")
     parser.add_argument("--image_prefix", default="", help="put before every image file name")
     parser.add_argument("--max_seq_len", type=int, default=512)
     parser.add_argument("--max_images", type=int, default=None)

@@ -44,11 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset.parquet import (PICTURE_COLUMNS, ParquetRecords, is_parquet,  # noqa: E402
                              layout_of, parquet_files)
-from dataset.records import BadRecord  # noqa: E402
-from dataset.vlm_dataset import read_records  # noqa: E402
-from model.config import IMAGE_MARK  # noqa: E402
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+from dataset.records import BadRecord, JsonRecords, conversation  # noqa: E402
 DEFAULT_ROW_GROUP_SIZE = 1000
 # The dictionary page holds the distinct pictures of a row group; past this limit the writer
 # falls back to plain encoding (still correct, no longer deduplicated). Parquet page sizes
@@ -141,54 +137,6 @@ def _picture_leaves(schema: pa.Schema, picture_column: str) -> List[str]:
 
 # ---- JSON/JSONL + image folder -> Parquet -------------------------------------------------
 
-def _valid_unicode(obj) -> bool:
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: bytes that were not UTF-8
-        return False
-    return True
-
-
-def check_json_record(record, images_dir: str, image_prefix: str = ""):
-    """(turns as {"role", "content"}, picture paths) of a JSON record; BadRecord if it cannot
-    be converted. Only what the conversion needs is checked; training checks the rest."""
-    if not isinstance(record, dict):
-        raise BadRecord("record is not a JSON object")
-    if not _valid_unicode(record):
-        raise BadRecord("text is not valid UTF-8")
-    for key in ("conversations", "image"):
-        if key not in record:
-            raise BadRecord(f"missing field: {key!r}")
-    if not isinstance(record["conversations"], list):
-        raise BadRecord("wrong field type: 'conversations' must be a list")
-    if not isinstance(record["image"], str):
-        raise BadRecord("wrong field type: 'image' must be a string")
-    turns, marks = [], 0
-    for k, turn in enumerate(record["conversations"], 1):
-        if not isinstance(turn, dict):
-            raise BadRecord(f"bad turn: turn {k} is not an object")
-        role, text = ((turn.get("from"), turn.get("value")) if "from" in turn
-                      else (turn.get("role"), turn.get("content")))
-        if role not in ROLES:
-            raise BadRecord(f"bad turn: turn {k} has unknown role {role!r}")
-        if not isinstance(text, str):
-            raise BadRecord(f"bad turn: turn {k} has no string value/content")
-        turns.append({"role": ROLES[role], "content": text})
-        if ROLES[role] == "user":
-            marks += text.count(IMAGE_MARK)
-    names = [n.strip() for n in record["image"].split(",")] if record["image"].strip() else []
-    if marks != len(names):
-        raise BadRecord(f"image count mismatch: {marks} {IMAGE_MARK} mark(s) in user turns "
-                        f"but {len(names)} image(s)")
-    paths = [os.path.join(images_dir, image_prefix + name) for name in names]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise BadRecord(f"image file missing: {path}")
-        if os.path.getsize(path) == 0:
-            raise BadRecord(f"image file is empty (0 bytes): {path}")
-    return turns, paths
-
-
 STAGING_SCHEMA = pa.schema([("conversations", pa.string()), ("pictures", pa.list_(pa.string())),
                             ("id", pa.string())])  # id as JSON: its type is settled in pass 2
 
@@ -205,22 +153,22 @@ def _stage_records(data_path, images_dir, image_prefix, staging_path, problems, 
             for values in columns.values():
                 values.clear()
 
-        for ref, record, error in tqdm(read_records(data_path), desc="checking records",
-                                       unit=" records", disable=not progress):
-            if isinstance(record, dict) and "id" in record:
-                ref += f" (id={record['id']!r})"
+        records = JsonRecords(data_path, images_dir, image_prefix)   # checks every record once
+        for ref, reason in records.load_problems:
+            problems.add(ref, reason)
+        for i in tqdm(range(len(records)), desc="staging records", unit=" records", disable=not progress):
             try:
-                if error:
-                    raise BadRecord(error)
-                turns, paths = check_json_record(record, images_dir, image_prefix)
-            except BadRecord as bad:
-                problems.add(ref, str(bad))
+                raw = records.read(i)
+                turns = conversation(raw.turns, len(raw.pictures))
+            except BadRecord as bad:   # changed since the first pass
+                problems.add(records.ref(i), str(bad))
                 continue
+            has_id = raw.record_id is not None
             columns["conversations"].append(json.dumps(turns, ensure_ascii=False))
-            columns["pictures"].append(paths)
-            columns["id"].append(json.dumps(record["id"]) if "id" in record else None)
-            if "id" in record:
-                id_types.add(type(record["id"]))
+            columns["pictures"].append(raw.pictures)
+            columns["id"].append(json.dumps(raw.record_id) if has_id else None)
+            if has_id:
+                id_types.add(type(raw.record_id))
             if len(columns["conversations"]) >= STAGING_BATCH:
                 flush()
         flush()

@@ -115,25 +115,37 @@ def test_multi_image_record_with_prefix(tok, tmp_path, images):
         os.rename(images / name, images / f"COCO_{name}")
     data = write_jsonl(tmp_path / "d.jsonl", [rec("m", "a.jpg,  b.png", "<image>\n<image>\n区别?", "颜色")])
     pre = Preprocess()
-    item = make(tok, data, images, image_prefix="COCO_", preprocess=pre)[0]
+    ds = make(tok, data, images, image_prefix="COCO_", preprocess=pre)
+    item = ds[0]
     assert count_placeholders(item["input_ids"].tolist(), IDS) == 2
     assert pre.seen == [[("RGB", (8, 6)), ("RGB", (5, 7))]]  # in the order of the marks
     assert item["pixel_values"][0, :, 0, 0].tolist() == pytest.approx([254, 0, 0], abs=2)  # red first
-    assert item["image_paths"] == [str(images / "COCO_a.jpg"), str(images / "COCO_b.png")]
+    assert ds.source.read(0).pictures == [str(images / "COCO_a.jpg"), str(images / "COCO_b.png")]
     # Without the prefix the files do not exist.
     ds = make(tok, data, images)
     assert len(ds) == 0 and "image file missing" in ds.problems[0][1]
 
 
-def test_paths_mode_does_not_decode(tok, tmp_path, images):
+def test_cached_features_replace_pictures_which_are_then_never_read(tok, tmp_path, images):
     (images / "broken.jpg").write_bytes(b"not an image")
-    data = write_jsonl(tmp_path / "d.jsonl", [rec(1, "broken.jpg, a.jpg", "<image><image>?", "!")])
-    item = VLMDataset(data, images, tok, IDS, image_mode="paths")[0]
+    data = write_jsonl(tmp_path / "d.jsonl", [rec(1, "broken.jpg, a.jpg", "<image><image>?", "!"),
+                                              rec(2, "", "你好", "好")])
+
+    class Store:   # what the feature cache hands the dataset
+        def problem(self, sample):
+            return None
+
+        def of(self, sample):
+            return torch.full((2 if sample == 0 else 0, 50, 8), float(sample + 1))
+
+    ds = make(tok, data, images)
+    ds.use_features(Store())
+    item = ds[0]
     assert not isinstance(item, Skipped) and "pixel_values" not in item
-    assert item["image_paths"] == [str(images / "broken.jpg"), str(images / "a.jpg")]
-    batch = collate([item])
-    assert batch["pixel_values"] is None and batch["image_paths"] == item["image_paths"]
-    assert batch["images_per_sample"].tolist() == [2]
+    assert item["image_features"].shape == (2, 50, 8)
+    batch = collate([item, ds[1]])
+    assert batch["pixel_values"] is None and batch["image_features"].shape == (2, 50, 8)
+    assert batch["images_per_sample"].tolist() == [2, 0]
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "LA", "1"])
@@ -153,7 +165,7 @@ def test_every_image_mode_reaches_preprocess_as_rgb(tok, tmp_path, images, mode)
 def test_text_only_record(tok, tmp_path, images):
     data = write_jsonl(tmp_path / "d.jsonl", [rec(1, "", "你好", "你好!")])
     item = make(tok, data, images)[0]
-    assert item["pixel_values"] is None and item["image_paths"] == []
+    assert item["pixel_values"] is None and item["n_images"] == 0
     assert collate([item])["pixel_values"] is None
 
 
@@ -173,9 +185,8 @@ def test_loss_covers_every_answer_and_its_eos(tok, tmp_path, images):
     one = make(tok, data, images, max_turns=1)
     first = one[0]
     assert answers(tok, first) == ["红色。</s>"]
-    assert first["pixel_values"].shape[0] == 1 and first["image_paths"] == [str(images / "a.jpg")]
+    assert first["pixel_values"].shape[0] == 1 and first["n_images"] == 1
     assert count_placeholders(first["input_ids"].tolist(), IDS) == 1
-    assert one.approx_lengths[0] < ds.approx_lengths[0]
 
 
 def test_approx_lengths_order_records_by_length(tok, tmp_path, images):
@@ -344,7 +355,7 @@ def test_every_bad_record_is_skipped_with_a_named_reason(tok, tmp_path, images, 
         ds.report(item.record_ref, item.reason)  # reported again next epoch: counted once
     assert len(ds.problems) == len(load) + len(late)
     summary = ds.summary()
-    assert f"{len(load) + 1 + len(late)} record(s) read" in summary
+    assert f"{len(load) + 1 + len(late)} record(s), {1 + len(late)} in use" in summary
     assert "2  image cannot be decoded" in summary and "1  placeholder count mismatch" in summary and "1  malformed JSON" in summary
 
 
@@ -393,17 +404,22 @@ def test_check_data_script_runs_from_the_repo_root(tmp_path, images):
     assert "1 problem(s)" in run.stdout
 
 
-def test_drop_images_reports_and_removes_their_records(tmp_path, tok):
-    from PIL import Image as _Image
-
+def test_samples_whose_cached_pictures_failed_are_reported_and_left_out(tmp_path, tok):
     for name in ("a.png", "b.png"):
-        _Image.new("RGB", (8, 8)).save(tmp_path / name)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
     rows = [{"id": i, "image": n, "conversations": [{"from": "human", "value": "<image>\n?"},
                                                     {"from": "gpt", "value": "ok"}]}
             for i, n in enumerate(["a.png", "b.png", "a.png"])]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    ds = VLMDataset(str(tmp_path / "d.jsonl"), str(tmp_path), tok, IMAGE_PLACEHOLDER_IDS,
-                    image_mode="paths")
-    ds.drop_images({str(tmp_path / "a.png"): "image unreadable: a.png"})
-    assert [s[1] for s in ds.samples] == [1] and len(ds.approx_lengths) == 1
+    ds = VLMDataset(str(tmp_path / "d.jsonl"), str(tmp_path), tok, IMAGE_PLACEHOLDER_IDS)
+
+    class Store:
+        def problem(self, sample):
+            return "image cannot be decoded: a.png" if sample in (0, 2) else None
+
+        def of(self, sample):
+            return torch.zeros(1, 50, 8)
+
+    ds.use_features(Store())
+    assert len(ds) == 1 and ds[0]["id"] == 1 and len(ds.approx_lengths) == 1
     assert len(ds.problems) == 2 and all("a.png" in reason for _, reason in ds.problems)

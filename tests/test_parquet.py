@@ -19,7 +19,7 @@ from PIL import Image
 
 from dataset.parquet import ParquetRecords, is_parquet, layout_of, parquet_files
 from dataset.records import BadRecord, RawRecord
-from dataset.vlm_dataset import read_records
+from dataset.records import read_records
 from scripts import convert_data
 from scripts.convert_data import json_to_parquet, parquet_to_json, rewrite_parquet
 

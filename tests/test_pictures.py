@@ -71,7 +71,6 @@ def test_training_cache_and_chat_see_the_same_pixels(tmp_path, tiny_clip_dir, to
     assert torch.equal(training, chat)
 
     encoder = VisionEncoder.from_pretrained(tiny_clip_dir)
-    cache = FeatureCache(str(tmp_path / "cache"), encoder)
-    assert cache.build(list(paths.values()), "cpu", progress=False) == {}
-    cached = cache.lookup(list(paths.values()))
+    store = FeatureCache(str(tmp_path / "cache"), encoder).prepare(ds.source, "cpu", progress=False)
+    cached = torch.cat([store.of(i) for i in range(len(ds))])
     torch.testing.assert_close(cached.float(), encoder(training).half().float())

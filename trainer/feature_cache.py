@@ -1,24 +1,43 @@
-"""Cached CLIP features: encode every image once with the frozen tower, train from the cache after.
+"""Cached CLIP features: encode every picture once with the frozen tower, train from the cache after.
 
-CLIP is frozen, so its output for an image never changes; re-encoding it every epoch is pure
-waste (for the 27M model CLIP costs more than the LLM). The cache is a folder of memory-mapped
-fp16 `.npy` shards plus an index, under a folder named after the vision model's fingerprint:
-- a different vision model (weights, config, hooked layer, preprocessing) -> another folder;
-- a changed image file (path, size or modification time) -> another key, encoded again;
-- the same file used by many records (or reached through a symlink) is encoded once.
-Under DDP every rank encodes its share of the missing images into its own shard, then rank 0
-merges the index; the folder is shared by all ranks (and by later runs).
+CLIP is frozen, so its output for a picture never changes; re-encoding it every epoch is pure
+waste (for the 27M model CLIP costs more than the LLM). A picture is known by a 16-byte key:
+a hash of its bytes (Parquet rows; a picture shared by many rows is encoded once) or of its
+file's real path, size and modification time (picture files; a changed file is encoded anew,
+a symlink reaches the same entry). Under `<cache_dir>/<vision model fingerprint>/`:
+
+    shards.json            [[name, rows], ...]: feature rows, in order (row ids run across them)
+    shard-*.npy            fp16 [rows, tokens, width], memory-mapped when read
+    keys.npy, rows.npy     the index: sorted keys and their row ids (compact at a million keys)
+    bad.json               {key: reason} for pictures that could not be decoded
+    map-*.npz              a Parquet dataset's samples -> row ids (found again without hashing)
+
+A different vision model (weights, config, hooked layer, preprocessing) gets another folder.
+
+Several processes: the ranks that see the same folder (all of them on a shared filesystem,
+one node's ranks on a local disk: found by each rank writing a file and looking which others
+appear) split the samples into contiguous blocks, encode what their block lacks into shards of
+their own, and the group's first rank merges the index. So `torchrun --nnodes N` works with a
+shared cache folder, and with a folder on each node's own disk, where each node encodes the
+pictures itself and no file written on one node is read on another.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+import time
+import uuid
+from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from model.vision import load_image
+from dataset.records import BadRecord
+from model.vision import ImageError, load_image
+
+NO_ROW = -1
 
 
 def encoder_fingerprint(encoder) -> str:
@@ -35,117 +54,254 @@ def encoder_fingerprint(encoder) -> str:
     return h.hexdigest()[:16]
 
 
-def image_key(path: str) -> str:
-    # realpath: a picture reached through a symlink (the demo's SFT sets link the pretrain
-    # pictures) is the same picture, encoded once.
-    st = os.stat(path)
-    return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+def picture_key(picture) -> bytes:
+    """16 bytes naming a picture: a hash of its bytes, or of a file's real path, size and time."""
+    if isinstance(picture, (bytes, bytearray, memoryview)):
+        return hashlib.blake2b(picture, digest_size=16).digest()
+    st = os.stat(picture)
+    identity = f"{os.path.realpath(picture)}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.blake2b(identity.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
-def _write_json_atomic(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
+def _save_atomic(path, write):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
     os.replace(tmp, path)
 
 
-class _ImageFiles(Dataset):
-    def __init__(self, paths, preprocess):
-        self.paths, self.preprocess = paths, preprocess
+def _save_json(path, obj):
+    _save_atomic(path, lambda f: f.write(json.dumps(obj).encode()))
+
+
+class FeatureStore:
+    """The cached features of one dataset's samples, for the dataset's __getitem__.
+
+    Small and picklable (DataLoader workers get a copy): row ids per sample plus the shard
+    table; the shards are memory-mapped when first read in each process.
+    """
+
+    def __init__(self, folder, shards, offsets, rows, problems):
+        self.folder, self.shards = folder, shards
+        self.shard_starts = np.cumsum([0] + [n for _, n in shards], dtype=np.int64)
+        self.offsets, self.rows, self.problems = offsets, rows, problems   # sample i: rows[offsets[i]:offsets[i+1]]
+        self._maps = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": {}}
+
+    def problem(self, sample: int) -> Optional[str]:
+        return self.problems.get(sample)
+
+    def of(self, sample: int) -> torch.Tensor:
+        """Features [n_pictures, tokens, width] (fp16) of a sample's pictures, in order."""
+        rows = self.rows[self.offsets[sample]:self.offsets[sample + 1]]
+        if (rows == NO_ROW).any():
+            raise BadRecord(self.problems.get(sample, "image cannot be decoded"))
+        features = [self._shard_row(int(r)) for r in rows]
+        if not features:
+            return torch.zeros(0)
+        return torch.from_numpy(np.stack(features))
+
+    def _shard_row(self, row: int) -> np.ndarray:
+        k = int(np.searchsorted(self.shard_starts, row, side="right")) - 1
+        name = self.shards[k][0]
+        if name not in self._maps:
+            self._maps[name] = np.load(os.path.join(self.folder, name), mmap_mode="r")
+        return self._maps[name][row - self.shard_starts[k]]
+
+
+class _Missing(Dataset):
+    """Pictures to encode, decoded and preprocessed in DataLoader workers."""
+
+    def __init__(self, source, entries, preprocess):
+        self.source, self.entries, self.preprocess = source, entries, preprocess
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.entries)
 
-    def __getitem__(self, i):
+    def __getitem__(self, j):
+        sample, slot = self.entries[j]
         try:
-            return i, self.preprocess([load_image(self.paths[i])])[0], None
-        except Exception as e:  # a corrupt image is reported, never fatal here
-            return i, None, f"image unreadable: {self.paths[i]}: {type(e).__name__}: {e}"
-
-
-def _collate(items):
-    return items
+            picture = self.source.read(sample).pictures[slot]
+            return j, self.preprocess([load_image(picture)])[0], None
+        except (BadRecord, ImageError, OSError) as e:   # reported for the sample, never fatal here
+            return j, None, f"image cannot be decoded: {str(e).splitlines()[0]}"
 
 
 class FeatureCache:
     def __init__(self, root: str, encoder):
         self.encoder = encoder
         self.dir = os.path.join(root, encoder_fingerprint(encoder))
-        self.index: Dict[str, object] = {}
-        self._shards: Dict[str, np.ndarray] = {}
 
-    @property
-    def index_path(self):
-        return os.path.join(self.dir, "index.json")
+    # ---- the index ------------------------------------------------------------------------
+    def _read_index(self):
+        keys_path = os.path.join(self.dir, "keys.npy")
+        if not os.path.exists(keys_path):
+            return np.zeros(0, dtype="S16"), np.zeros(0, dtype=np.int64), [], {}
+        with open(os.path.join(self.dir, "shards.json")) as f:
+            shards = json.load(f)
+        with open(os.path.join(self.dir, "bad.json")) as f:
+            bad = json.load(f)
+        return np.load(keys_path), np.load(os.path.join(self.dir, "rows.npy")), shards, bad
 
-    def _load_index(self):
-        if os.path.exists(self.index_path):
-            with open(self.index_path) as f:
-                self.index = json.load(f)
+    @staticmethod
+    def _lookup(keys, rows, wanted):
+        """Row ids of `wanted` keys (NO_ROW where absent)."""
+        if not len(keys) or not len(wanted):
+            return np.full(len(wanted), NO_ROW, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        return np.where(keys[at] == wanted, rows[at], NO_ROW)
 
-    def build(self, paths: Sequence[str], device, batch_size: int = 64, num_workers: int = 0,
-              rank: int = 0, world_size: int = 1, barrier=lambda: None, progress: bool = True) -> Dict[str, str]:
-        """Encode the images of `paths` that the cache lacks. Returns {path: reason} for images
-        that could not be read (the caller drops their records)."""
+    # ---- building -------------------------------------------------------------------------
+    def prepare(self, source, device, rank: int = 0, world_size: int = 1, all_gather=None, barrier=None,
+                batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> FeatureStore:
+        """Encode the pictures of `source` that the cache lacks and return the store of its samples.
+        `all_gather(obj) -> [obj per rank]` and `barrier()` are needed when world_size > 1."""
+        os.makedirs(self.dir, exist_ok=True)
+        barrier = barrier or (lambda: None)
+        token = all_gather(uuid.uuid4().hex)[0] if world_size > 1 else uuid.uuid4().hex
+        group = self._group(token, rank, world_size, barrier)
+        member, size = group.index(rank), len(group)
+        fingerprint = getattr(source, "fingerprint", None)
+        map_path = os.path.join(self.dir, f"map-{fingerprint}.npz") if fingerprint else None
+        found = bool(map_path) and os.path.exists(map_path)
+        if all(all_gather(found) if world_size > 1 else [found]):   # every rank's folder has it
+            return self._store(map_path)
+        lo, hi = len(source) * member // size, len(source) * (member + 1) // size
+        self._encode_block(source, lo, hi, token, rank, device, batch_size, num_workers, progress)
+        barrier()
+        out = map_path or os.path.join(self.dir, f".map-{token}.npz")
+        if rank == group[0]:
+            with self._locked():
+                self._merge([f".part-{token}-r{r}.npz" for r in group], out)
+        barrier()
+        store = self._store(out)
+        barrier()
+        if not map_path and rank == group[0]:
+            os.unlink(out)
+        return store
+
+    def _group(self, token, rank, world_size, barrier):
+        """The ranks that see this cache folder (all, on a shared filesystem; a node's, on a
+        local disk), sorted: each rank leaves a file, then looks whose files it can see."""
+        if world_size == 1:
+            return [0]
+        folder = os.path.join(self.dir, f".members-{token}")
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, str(rank)), "w").close()
+        barrier()
+        group = sorted(int(name) for name in os.listdir(folder))
+        barrier()
+        if rank == group[0]:
+            for name in os.listdir(folder):
+                os.unlink(os.path.join(folder, name))
+            os.rmdir(folder)
+        return group
+
+    def _encode_block(self, source, lo, hi, token, rank, device, batch_size, num_workers, progress):
+        """Key the pictures of samples lo..hi, encode those the cache lacks into a shard of this
+        rank's own, and write a part file for the merge."""
         from tqdm import tqdm
 
-        os.makedirs(self.dir, exist_ok=True)
-        self._load_index()
-        keys = {p: image_key(p) for p in dict.fromkeys(paths)}   # unique, in order
-        missing = [p for p, k in keys.items() if k not in self.index]
-        mine = missing[rank::world_size]
-        part = {}
-        if mine:
-            shard_name = f"shard-{len(os.listdir(self.dir))}-{os.getpid()}-r{rank}.npy"
-            n_tok, width = self.encoder_output_shape()
-            shard = np.lib.format.open_memmap(os.path.join(self.dir, shard_name), mode="w+",
-                                              dtype=np.float16, shape=(len(mine), n_tok, width))
-            loader = DataLoader(_ImageFiles(mine, self.encoder.preprocess), batch_size=batch_size,
-                                num_workers=num_workers, collate_fn=_collate)
-            bar = tqdm(total=len(mine), desc="caching CLIP features", disable=not progress, unit="img")
+        keys, rows, _, bad = self._read_index()
+        offsets, sample_keys, missing, seen = [0], [], [], set()
+        for sample, pictures in tqdm(source.iter_pictures(lo, hi), total=hi - lo, desc="keying pictures",
+                                     disable=not progress, unit=" samples"):
+            for slot, picture in enumerate(pictures):
+                try:
+                    key = picture_key(picture)
+                except OSError:   # a file gone since indexing: its encoding fails and says so
+                    key = hashlib.blake2b(b"unreadable|" + os.fsencode(picture), digest_size=16).digest()
+                sample_keys.append(key)
+                if key not in seen and key.hex() not in bad:
+                    seen.add(key)
+                    missing.append((sample, slot, key))
+            offsets.append(len(sample_keys))
+        sample_keys = np.array(sample_keys, dtype="S16")
+        if missing:   # keep only what the index lacks
+            found = self._lookup(keys, rows, np.array([k for _, _, k in missing], dtype="S16"))
+            missing = [m for m, row in zip(missing, found) if row == NO_ROW]
+        shard_name, problems = f"shard-{token}-r{rank}.npy", {}
+        if missing:
+            tokens, width = self.encoder_output_shape()
+            shard = np.lib.format.open_memmap(os.path.join(self.dir, shard_name), mode="w+", dtype=np.float16,
+                                              shape=(len(missing), tokens, width))
+            loader = DataLoader(_Missing(source, [(s, slot) for s, slot, _ in missing], self.encoder.preprocess),
+                                batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+            bar = tqdm(total=len(missing), desc="caching CLIP features", disable=not progress, unit="img")
             for items in loader:
-                good = [(i, px) for i, px, err in items if err is None]
-                for i, _, err in items:
-                    if err is not None:
-                        part[keys[mine[i]]] = {"bad": err}
+                good = [(j, px) for j, px, err in items if err is None]
+                problems.update({missing[j][2].hex(): err for j, _, err in items if err is not None})
                 if good:
                     feats = self.encoder(torch.stack([px for _, px in good]).to(device))
-                    rows = [i for i, _ in good]
-                    shard[rows] = feats.float().cpu().numpy().astype(np.float16)
-                    for i in rows:
-                        part[keys[mine[i]]] = [shard_name, i]
+                    shard[[j for j, _ in good]] = feats.float().cpu().numpy().astype(np.float16)
                 bar.update(len(items))
             bar.close()
             shard.flush()
             del shard
-        _write_json_atomic(part, os.path.join(self.dir, f"part-r{rank}.json"))
-        barrier()
-        if rank == 0:   # merge the parts into the index, atomically
-            self._load_index()
-            for r in range(world_size):
-                part_path = os.path.join(self.dir, f"part-r{r}.json")
-                with open(part_path) as f:
-                    self.index.update(json.load(f))
-                os.unlink(part_path)
-            _write_json_atomic(self.index, self.index_path)
-        barrier()
-        self._load_index()
-        self._keys = keys
-        return {p: self.index[k]["bad"] for p, k in keys.items() if isinstance(self.index.get(k), dict)}
+        np.savez(os.path.join(self.dir, f".part-{token}-r{rank}.npz"), lo=lo, offsets=np.array(offsets),
+                 sample_keys=sample_keys, new_keys=np.array([k for _, _, k in missing], dtype="S16"),
+                 shard=shard_name if missing else "", problems=json.dumps(problems))
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """One merge at a time, also between separate runs sharing the folder."""
+        with open(os.path.join(self.dir, ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _merge(self, part_names, out_path):
+        keys, rows, shards, bad = self._read_index()
+        parts = []
+        for name in part_names:
+            path = os.path.join(self.dir, name)
+            with np.load(path) as part:
+                parts.append({k: part[k] for k in part.files})
+            os.unlink(path)
+        new_keys, new_rows = [keys], [rows]
+        total = sum(n for _, n in shards)
+        for part in parts:
+            problems = json.loads(str(part["problems"]))
+            bad.update(problems)
+            if str(part["shard"]):
+                n = len(part["new_keys"])
+                shards.append([str(part["shard"]), n])
+                good = np.array([k.hex() not in problems for k in part["new_keys"].tolist()], dtype=bool)
+                new_keys.append(part["new_keys"][good])
+                new_rows.append(total + np.arange(n, dtype=np.int64)[good])
+                total += n
+        keys, rows = np.concatenate(new_keys), np.concatenate(new_rows)
+        keys, first = np.unique(keys, return_index=True)   # a picture two ranks both encoded: keep one
+        rows = rows[first]
+        _save_atomic(os.path.join(self.dir, "rows.npy"), lambda f: np.save(f, rows))
+        _save_json(os.path.join(self.dir, "bad.json"), bad)
+        _save_json(os.path.join(self.dir, "shards.json"), shards)
+        _save_atomic(os.path.join(self.dir, "keys.npy"), lambda f: np.save(f, keys))
+        # This dataset's samples -> row ids, in sample order (the parts are contiguous blocks).
+        parts.sort(key=lambda p: int(p["lo"]))
+        sample_keys = np.concatenate([p["sample_keys"] for p in parts]) if parts else np.zeros(0, "S16")
+        offsets, base = [np.zeros(1, dtype=np.int64)], 0
+        for p in parts:
+            offsets.append(p["offsets"][1:] + base)
+            base += int(p["offsets"][-1])
+        sample_rows = self._lookup(keys, rows, sample_keys)
+        _save_atomic(out_path, lambda f: np.savez(f, offsets=np.concatenate(offsets), rows=sample_rows,
+                                                  keys=sample_keys, shards=json.dumps(shards),
+                                                  created=time.time()))
+
+    def _store(self, map_path) -> FeatureStore:
+        _, _, _, bad = self._read_index()
+        with np.load(map_path) as m:
+            offsets, rows, keys, shards = m["offsets"], m["rows"], m["keys"], json.loads(str(m["shards"]))
+        problems = {}
+        missing_so_far = np.concatenate([[0], np.cumsum(rows == NO_ROW)])
+        for sample in np.nonzero(missing_so_far[offsets[1:]] > missing_so_far[offsets[:-1]])[0]:
+            lo, hi = offsets[sample], offsets[sample + 1]
+            first_bad = next(k for k, r in zip(keys[lo:hi], rows[lo:hi]) if r == NO_ROW)
+            problems[int(sample)] = bad.get(first_bad.hex(), "image cannot be decoded")
+        return FeatureStore(self.dir, shards, offsets, rows, problems)
 
     def encoder_output_shape(self):
         cfg = self.encoder.clip.config
         return (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size
-
-    def lookup(self, paths: List[str]) -> Optional[torch.Tensor]:
-        """Features [N, tokens, width] (fp16) of images that `build` has seen."""
-        if not paths:
-            return None
-        rows = []
-        for p in paths:
-            key = self._keys.get(p) or image_key(p)
-            shard_name, row = self.index[key]
-            if shard_name not in self._shards:
-                self._shards[shard_name] = np.load(os.path.join(self.dir, shard_name), mmap_mode="r")
-            rows.append(self._shards[shard_name][row])
-        return torch.from_numpy(np.stack(rows))

@@ -89,8 +89,7 @@ def train(args) -> int:
         for micro_batches in steps_of(data.loader, args.accumulation_steps):
             data.note_skipped(micro_batches)
             lr = lr_at(progress.step, total_steps, warmup, args.learning_rate)
-            loss, grad_norm = optimizer_step(run, ddp_model, optimizer, micro_batches, lr, args.grad_clip,
-                                             data.cache)
+            loss, grad_norm = optimizer_step(run, ddp_model, optimizer, micro_batches, lr, args.grad_clip)
             progress.advance(data.steps_per_epoch)
             last = progress.step >= total_steps
             if logger.after_step(loss, grad_norm, lr, micro_batches, last):
@@ -284,11 +283,10 @@ def check_outputs_writable(args, run: Run):
 
 @dataclass
 class TrainingData:
-    """A dataset with its sampler, loader and (optionally) feature cache."""
+    """A dataset with its sampler and loader."""
     dataset: VLMDataset
     sampler: "StepSampler"
     loader: torch.utils.data.DataLoader
-    cache: object
 
     @property
     def steps_per_epoch(self) -> int:
@@ -318,23 +316,17 @@ class TrainingData:
 
 
 def build_data(args, run: Run, tokenizer, data_path, images_path, encoder, validation=False) -> TrainingData:
-    cache = None
-    if not os.path.isfile(data_path):
-        raise FileNotFoundError(f"data file {data_path} not found (see README: Data)")
     ds = VLMDataset(data_path, images_path, tokenizer, args.config.image_ids, max_seq_len=args.max_seq_len,
                     max_turns=args.max_turns, image_prefix=args.image_prefix, max_images=args.max_images,
-                    strict=args.strict, image_mode="paths" if args.cache_features else "pixels",
-                    preprocess=ImagePreprocessor.from_pretrained(args.vision_model, args.config.squash_images),
-                    log_problems=run.master)
-    run.info("%s", ds.summary())
+                    strict=args.strict, log_problems=run.master,
+                    preprocess=ImagePreprocessor.from_pretrained(args.vision_model, args.config.squash_images))
     if args.cache_features:
         from trainer.feature_cache import FeatureCache
 
-        cache = FeatureCache(args.cache_dir, encoder)
-        bad = cache.build([p for s in ds.samples for p in s[3]], run.device, num_workers=args.num_workers,
-                          rank=run.rank, world_size=run.world, barrier=barrier,
-                          progress=run.master and not args.no_progress)
-        ds.drop_images(bad)
+        ds.use_features(FeatureCache(args.cache_dir, encoder).prepare(
+            ds.source, run.device, run.rank, run.world, all_gather=all_gather_objects, barrier=barrier,
+            num_workers=args.num_workers, progress=run.master and not args.no_progress))
+    run.info("%s", ds.summary())
     accumulation = 1 if validation else args.accumulation_steps
     if len(ds) < args.batch_size * run.world * accumulation:
         raise ValueError(f"{data_path} has {len(ds)} usable records, fewer than one global batch "
@@ -344,7 +336,7 @@ def build_data(args, run: Run, tokenizer, data_path, images_path, encoder, valid
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, collate_fn=make_collate(pad_id=0), num_workers=args.num_workers,
         pin_memory=run.cuda, prefetch_factor=4 if args.num_workers else None)
-    return TrainingData(ds, sampler, loader, cache)
+    return TrainingData(ds, sampler, loader)
 
 
 def build_model(args, run: Run, encoder):
@@ -463,7 +455,7 @@ def lr_at(step, total, warmup, peak):
 
 
 # =========================================================================== one step
-def optimizer_step(run: Run, model, optimizer, micro_batches, lr, grad_clip, cache):
+def optimizer_step(run: Run, model, optimizer, micro_batches, lr, grad_clip):
     """Forward and backward every micro-batch, then one AdamW step. Returns (the step's mean
     loss over all ranks, gradient norm).
 
@@ -478,7 +470,7 @@ def optimizer_step(run: Run, model, optimizer, micro_batches, lr, grad_clip, cac
         syncing = run.world == 1 or j == len(micro_batches) - 1
         with contextlib.nullcontext() if syncing else model.no_sync():
             with run.amp:
-                loss = model(**model_inputs(batch, run, cache), num_items_in_batch=share).loss
+                loss = model(**model_inputs(batch, run), num_items_in_batch=share).loss
             run.scaler.scale(loss).backward()
         step_loss += loss.detach()
     for group in optimizer.param_groups:
@@ -492,7 +484,7 @@ def optimizer_step(run: Run, model, optimizer, micro_batches, lr, grad_clip, cac
     return all_reduce_sum(step_loss) / run.world, grad_norm
 
 
-def model_inputs(batch, run: Run, cache) -> dict:
+def model_inputs(batch, run: Run) -> dict:
     """A collated batch -> the model's keyword arguments, on the device."""
     nb = run.cuda   # pinned memory + non_blocking: the copy overlaps with compute
     if batch["input_ids"].shape[0] == 0:
@@ -501,12 +493,9 @@ def model_inputs(batch, run: Run, cache) -> dict:
         return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}
     inputs = {"input_ids": batch["input_ids"].to(run.device, non_blocking=nb),
               "labels": batch["labels"].to(run.device, non_blocking=nb)}
-    if cache is not None:
-        features = cache.lookup(batch["image_paths"])
-        if features is not None:
-            inputs["image_features"] = features.to(run.device, non_blocking=nb)
-    elif batch["pixel_values"] is not None:
-        inputs["pixel_values"] = batch["pixel_values"].to(run.device, non_blocking=nb)
+    for key in ("pixel_values", "image_features"):   # pictures, or their cached CLIP features
+        if batch[key] is not None:
+            inputs[key] = batch[key].to(run.device, non_blocking=nb)
     return inputs
 
 
@@ -520,7 +509,7 @@ def validate(run: Run, model, val: TrainingData, max_batches=50) -> float:
             break
         n = count_targets(batch["labels"]).to(run.device)
         with run.amp:
-            total += model(**model_inputs(batch, run, val.cache)).loss.float() * n
+            total += model(**model_inputs(batch, run)).loss.float() * n
         count += n
     model.train()
     return float(all_reduce_sum(total) / all_reduce_sum(count).clamp(min=1))
