@@ -4,7 +4,9 @@
     python demo.py --quick    # reduced demo (CI's end-to-end test)
 
 1. generates pictures of coloured shapes with Chinese captions and questions, in the original
-   data formats (dataset/demo/), and a small random frozen CLIP (model/vision_model/demo-clip);
+   data formats (dataset/demo/; the SFT set also as Parquet with the pictures inside, the
+   official layout, which that stage trains from), and a small random frozen CLIP
+   (model/vision_model/demo-clip);
 2. runs the real training scripts: 1-pretrain_vlm.py, 2-sft_vlm.py, 2-sft_vlm.py --multi
    (a small LLM trained from scratch, demo preset);
 3. answers questions about held-out pictures with the inference code of 3-eval_chat.py,
@@ -24,9 +26,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
 from demo_shapes import generate_demo_data, make_demo_clip, names_colour_and_shape, score_answer  # noqa: E402
-from model.config import VLMConfig  # noqa: E402
-
-DEMO_CLIP = os.path.join(ROOT, "model", "vision_model", "demo-clip")
+from model.config import DEMO_VISION_MODEL as DEMO_CLIP, VLMConfig  # noqa: E402
 TAG = VLMConfig.from_preset("demo").tag          # output files are out/demo/{TAG}_vlm_*.pth
 # "caption" needs colour, shape and count right; the pretrain target only colour and shape (1/18).
 CHANCE = {"caption": 1 / 54, "colour": 1 / 6, "shape": 1 / 3, "position": 1 / 5, "count": 1 / 3, "multi": 1 / 2}
@@ -63,24 +63,36 @@ def train_stage(script, stage_args, data, images, plan, args, extra=()):
     return time.time() - t0
 
 
-def evaluate(weights, records, device):
-    """Greedy answers of `weights` to held-out `records`, through the CLI's inference code."""
+def sft_as_parquet(data_dir) -> str:
+    """The SFT set in the official Parquet layout (pictures inside), written once per data."""
+    from scripts.convert_data import json_to_parquet
+
+    source, parquet = os.path.join(data_dir, "sft_data.jsonl"), os.path.join(data_dir, "sft_i2t.parquet")
+    if not os.path.exists(parquet) or os.path.getmtime(parquet) < os.path.getmtime(source):
+        json_to_parquet(source, os.path.join(data_dir, "sft_images"), parquet, keep_order=True, progress=False)
+    return parquet
+
+
+def evaluate(weights, records, device, batch_size=64):
+    """Greedy answers of `weights` to held-out `records`, through the CLI's inference code.
+
+    Answered `batch_size` at a time: greedy answers do not depend on the batch size, so the
+    scores are those of asking one by one, only faster."""
     import torch
 
-    from model.inference import Sampling, answer, load_model
-    from model.vision import load_image
+    from model.inference import Request, Sampling, answer_batch, load_model
     from model.prompt import load_tokenizer
 
     torch.manual_seed(0)
     model = load_model(weights, DEMO_CLIP, device)
     tokenizer = load_tokenizer()
     greedy = Sampling(temperature=0.0, max_new_tokens=48)   # the longest references ("which" answers) are ~40 tokens
+    # The inference code puts one <image> mark per picture before the question, as training did.
+    requests = [Request(rec["question"].replace("<image>\n", ""), rec["paths"]) for rec in records]
+    answers = answer_batch(model, tokenizer, requests, greedy, batch_size)
     results = []
-    for rec in records:
-        images = [load_image(p) for p in rec["paths"]]
-        # answer() puts one <image> mark per picture before the question, as training did.
-        question = rec["question"].replace("<image>\n", "")
-        text = answer(model, tokenizer, images, question, sampling=greedy)
+    for rec, reply in zip(records, answers):
+        text = reply.text_or_raise()   # a held-out picture that cannot be read stops the demo
         results.append({**rec, "prediction": text, "correct": bool(score_answer(rec, text)),
                         "colour_and_shape": bool(rec["qtype"] == "caption" and names_colour_and_shape(rec, text))})
     return results
@@ -185,13 +197,13 @@ def main(argv=None):
     generate_demo_data(args.data_dir, seed=args.seed, n_pretrain=plan["n_pretrain"], n_sft=plan["n_sft"],
                        n_multi=plan["n_multi"], n_heldout=plan["n_heldout"], n_rehearsal=plan["n_rehearsal"])
     make_demo_clip(DEMO_CLIP)
+    sft_data = sft_as_parquet(args.data_dir)
     timings["data + demo CLIP"] = time.time() - t0
 
     d = args.data_dir
     timings["pretrain"] = train_stage("1-pretrain_vlm.py", ["--from_scratch"], os.path.join(d, "pretrain_data.jsonl"),
                                       os.path.join(d, "pretrain_images"), plan["pretrain"], args)
-    timings["sft"] = train_stage("2-sft_vlm.py", [], os.path.join(d, "sft_data.jsonl"),
-                                 os.path.join(d, "sft_images"), plan["sft"], args)
+    timings["sft"] = train_stage("2-sft_vlm.py", [], sft_data, "", plan["sft"], args)
     timings["sft_multi"] = train_stage("2-sft_vlm.py", ["--multi"], os.path.join(d, "sft_multi_data.jsonl"),
                                        os.path.join(d, "sft_multi_images"), plan["multi"], args)
 

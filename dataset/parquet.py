@@ -8,7 +8,9 @@ Two layouts are recognised from the schema (each file of a spec on its own):
 * hub (what HF `datasets` writes for LLaVA): `conversations` is a list of {from, value} (or
   {role, content}) structs and `image` (or `images`) a {bytes, path} struct or plain binary,
   or a list of either.
-An `id` column, if there is one, gives the record id.
+An `id` column, if there is one, gives the record id. A clip goes in a `video_bytes` column
+(the file's bytes; an optional `frames` column says how many keyframes, else the reader's
+default): its row's one `<video>` mark becomes that many keyframes (dataset/records.py).
 
 The `<image>` marks of a row's user turns say how many pictures it has: a row without marks is
 text-only (pictures == [], whatever its picture column holds: the official files put an 8x8
@@ -43,7 +45,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataset.records import BadRecord, RawRecord, valid_unicode
+from dataset.records import BadRecord, RawRecord, expand_clip, valid_unicode
+from model.prompt import VIDEO_MARK
 from model.config import IMAGE_MARK, IMAGE_PLACEHOLDER_IDS
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ logger = logging.getLogger(__name__)
 TEXT_COLUMN = "conversations"
 PICTURE_COLUMNS = ("image_bytes", "image", "images")  # the first one a file has is used
 ID_COLUMN = "id"
+VIDEO_COLUMN = "video_bytes"
+FRAMES_COLUMN = "frames"
 USER_ROLES = ("user", "human")
 
 # approx_lengths: about one token per character, plus the placeholder of every picture and
@@ -105,10 +110,14 @@ class _FileIndex:
     """What ParquetRecords keeps of one file: its layout and where its row groups start."""
     path: str
     text_is_json: bool            # official: a JSON string; hub: a list of turn structs
-    picture_column: str
+    picture_column: Optional[str]   # None: a file of clips only
     picture_leaves: List[str]     # Parquet paths of the picture bytes, read as dictionaries
     id_column: Optional[str]
+    video_column: Optional[str]
+    frames_column: Optional[str]
     row_group_starts: np.ndarray  # int64 [row groups + 1]: file-local first row of each group
+    text_bytes: np.ndarray        # int64 [row groups]: decoded size of the text (+ id) columns
+    picture_bytes: np.ndarray     # int64 [row groups]: decoded size of the picture column
 
     @property
     def n_rows(self) -> int:
@@ -136,9 +145,10 @@ def _describe(path: str, pf: pq.ParquetFile) -> _FileIndex:
     schema = pf.schema_arrow
     names = schema.names
     picture = next((c for c in PICTURE_COLUMNS if c in names), None)
-    if TEXT_COLUMN not in names or picture is None:
+    video = VIDEO_COLUMN if VIDEO_COLUMN in names else None
+    if TEXT_COLUMN not in names or (picture is None and video is None):
         raise _not_ours(path, f"found columns [{', '.join(names)}]; expected conversations + "
-                              f"image_bytes (or conversations + image)")
+                              f"image_bytes (or conversations + image, or conversations + video_bytes)")
     text_type = schema.field(TEXT_COLUMN).type
     if pa.types.is_string(text_type) or pa.types.is_large_string(text_type):
         text_is_json = True
@@ -147,7 +157,7 @@ def _describe(path: str, pf: pq.ParquetFile) -> _FileIndex:
     else:
         raise _not_ours(path, f"column 'conversations' is {text_type}; expected a JSON string "
                               f"or a list of {{from, value}} structs")
-    if not _is_picture_type(schema.field(picture).type):
+    if picture is not None and not _is_picture_type(schema.field(picture).type):
         raise _not_ours(path, f"column {picture!r} is {schema.field(picture).type}; expected "
                               f"binary, a {{bytes, path}} struct, or a list of either")
     # The byte leaves only (not a struct's "path"): read as dictionaries, a picture that
@@ -157,15 +167,26 @@ def _describe(path: str, pf: pq.ParquetFile) -> _FileIndex:
                       if p.split(".")[0] == picture and p.split(".")[-1] != "path"]
     md = pf.metadata
     rows = [md.row_group(r).num_rows for r in range(md.num_row_groups)]
+
+    def column_bytes(wanted):
+        return np.array([sum(md.row_group(r).column(c).total_uncompressed_size for c in range(md.num_columns)
+                             if md.row_group(r).column(c).path_in_schema.split(".")[0] in wanted)
+                         for r in range(md.num_row_groups)], dtype=np.int64)
+
     return _FileIndex(path=path, text_is_json=text_is_json, picture_column=picture,
                       picture_leaves=picture_leaves,
-                      id_column=ID_COLUMN if ID_COLUMN in names else None,
-                      row_group_starts=np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]))
+                      id_column=ID_COLUMN if ID_COLUMN in names else None, video_column=video,
+                      frames_column=FRAMES_COLUMN if video and FRAMES_COLUMN in names else None,
+                      row_group_starts=np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]),
+                      text_bytes=column_bytes({TEXT_COLUMN, ID_COLUMN, FRAMES_COLUMN}),
+                      picture_bytes=column_bytes({picture, video}))
 
 
 def _open_parquet(path: str, memory_map: bool = False) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path, memory_map=memory_map)
+        # No pre-buffering: by default the reader fetches the chunks of every row group up
+        # front, i.e. while indexing the whole compressed text column at once.
+        return pq.ParquetFile(path, memory_map=memory_map, pre_buffer=False)
     except (OSError, pa.ArrowException) as e:
         raise ValueError(f"{path}: not a Parquet file ({e})") from None
 
@@ -266,8 +287,8 @@ def _parse_turns(value, text_is_json: bool) -> list:
     return turns
 
 
-def _user_marks(turns: list) -> int:
-    """How many <image> marks the user turns hold; BadRecord for a turn without text."""
+def _user_marks(turns: list, mark: str = IMAGE_MARK) -> int:
+    """How many `mark`s the user turns hold; BadRecord for a turn without text."""
     marks = 0
     for k, turn in enumerate(turns, 1):
         if not isinstance(turn, dict):
@@ -277,7 +298,7 @@ def _user_marks(turns: list) -> int:
         if not isinstance(text, str):
             raise BadRecord(f"bad turn: turn {k} has no string value/content")
         if role in USER_ROLES:
-            marks += text.count(IMAGE_MARK)
+            marks += text.count(mark)
     return marks
 
 
@@ -346,8 +367,8 @@ class ParquetRecords:
     """
 
     def __init__(self, spec: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 memory_map: bool = False):
-        self.spec = spec
+                 memory_map: bool = False, frames: int = 4):
+        self.spec, self.frames = spec, frames
         self.cache_bytes = cache_bytes
         self.memory_map = memory_map
         self._files: List[_FileIndex] = []
@@ -399,10 +420,9 @@ class ParquetRecords:
     def _row_group(self, file_no: int, row_group: int, part: str) -> pa.Table:
         """The text (+ id) or the picture column of a row group, decoded, via the LRU."""
         f = self._files[file_no]
-        if part == "text":
-            columns = [TEXT_COLUMN] + ([f.id_column] if f.id_column else [])
-        else:
-            columns = [f.picture_column]
+        columns = {"text": [TEXT_COLUMN, f.id_column, f.frames_column],
+                   "pictures": [f.picture_column], "video": [f.video_column]}[part]
+        columns = [c for c in columns if c]
 
         def load():
             try:
@@ -424,6 +444,16 @@ class ParquetRecords:
 
     def __len__(self) -> int:
         return int(self._file_starts[-1])
+
+    def read_groups(self, with_pictures: bool = True) -> Tuple[np.ndarray, int]:
+        """(the first row of every row group, plus the end; how many row groups this process's
+        LRU holds at once): rows of one row group are cheap to read together, so a shuffle that
+        keeps to a window of that many row groups at a time decodes each about once."""
+        starts = [self._file_starts[k] + f.row_group_starts[:-1] for k, f in enumerate(self._files)]
+        sizes = np.concatenate([f.text_bytes + (f.picture_bytes if with_pictures else 0) for f in self._files]
+                               or [np.zeros(0, dtype=np.int64)])
+        largest = int(sizes.max()) if len(sizes) else 1
+        return np.concatenate(starts + [[len(self)]]).astype(np.int64), max(1, self.cache_bytes // max(largest, 1))
 
     @property
     def fingerprint(self) -> str:
@@ -461,7 +491,7 @@ class ParquetRecords:
         ref = f"{f.path} row {int(f.row_group_starts[row_group]) + offset}"
         if f.id_column:
             try:
-                record_id = _value(self._row_group(file_no, row_group, "text").column(1), offset)
+                record_id = _value(self._row_group(file_no, row_group, "text").column(f.id_column), offset)
             except BadRecord:
                 return ref
             if record_id is not None and record_id is not _NOT_UTF8:
@@ -477,16 +507,30 @@ class ParquetRecords:
         file_no, row_group, offset = self._locate(i)
         f = self._files[file_no]
         text = self._row_group(file_no, row_group, "text")
-        turns = _parse_turns(_value(text.column(0), offset), f.text_is_json)
-        marks = _user_marks(turns)
-        record_id = _value(text.column(1), offset) if f.id_column else None
+        turns = _parse_turns(_value(text.column(TEXT_COLUMN), offset), f.text_is_json)
+        record_id = _value(text.column(f.id_column), offset) if f.id_column else None
         if record_id is _NOT_UTF8:
             raise BadRecord("text is not valid UTF-8: the id")
-        pictures = []
-        if with_pictures and marks:
-            column = self._row_group(file_no, row_group, "pictures").column(0)
-            pictures = _pictures(_value(column, offset), marks)
+        frames = _value(text.column(f.frames_column), offset) if f.frames_column else None
+
+        def stored(part):
+            column = f.picture_column if part == "pictures" else f.video_column
+            return _value(self._row_group(file_no, row_group, part).column(0), offset) if column else None
+
+        turns, pictures = self._turns_and_pictures(turns, stored, frames, with_pictures)
         return RawRecord(record_id, turns, pictures)
+
+    def _turns_and_pictures(self, turns, stored, frames, with_pictures: bool):
+        """A row's turns (a clip's mark expanded into its keyframes) and pictures; `stored(part)`
+        gives the row's "pictures" or "video" cell, read only when needed."""
+        if _user_marks(turns, VIDEO_MARK):
+            video = stored("video") if with_pictures else None
+            if with_pictures and not video:
+                raise BadRecord(f"missing picture: a {VIDEO_MARK} mark but no clip stored")
+            turns, clip = expand_clip(turns, video, self.frames if frames is None else frames)
+            return turns, clip if with_pictures else []
+        marks = _user_marks(turns)
+        return turns, _pictures(stored("pictures"), marks) if with_pictures and marks else []
 
     def iter_pictures(self, start: int = 0, stop: Optional[int] = None,
                       step: int = 1) -> Iterator[Tuple[int, List[bytes]]]:
@@ -516,16 +560,16 @@ class ParquetRecords:
         f = self._files[file_no]
         next_row = wanted.start
         try:
+            columns = [c for c in (TEXT_COLUMN, f.picture_column, f.video_column, f.frames_column) if c]
             batches = self._parquet_file(file_no).iter_batches(
-                batch_size=STREAM_BATCH_ROWS, row_groups=[row_group], use_threads=False,
-                columns=[TEXT_COLUMN, f.picture_column])
+                batch_size=STREAM_BATCH_ROWS, row_groups=[row_group], use_threads=False, columns=columns)
             for batch in batches:
                 rows = np.arange(next_row, min(lo + batch.num_rows, wanted.stop), wanted.step)
                 if len(rows):
                     chosen = batch.take(pa.array(rows - lo))
-                    for i, text, stored in zip(rows.tolist(), _values(chosen.column(0)),
-                                               _values(chosen.column(1))):
-                        yield i, self._pictures_or_empty(text, stored, f.text_is_json)
+                    cells = {name: _values(chosen.column(name)) for name in columns}
+                    for k, i in enumerate(rows.tolist()):
+                        yield i, self._pictures_or_empty(f, {name: values[k] for name, values in cells.items()})
                     next_row = int(rows[-1]) + wanted.step
                 lo += batch.num_rows
         except (OSError, pa.ArrowException):
@@ -533,10 +577,11 @@ class ParquetRecords:
             for i in range(next_row, wanted.stop, wanted.step):
                 yield i, []
 
-    @staticmethod
-    def _pictures_or_empty(text, stored, text_is_json: bool) -> List[bytes]:
+    def _pictures_or_empty(self, f: _FileIndex, row: dict) -> list:
+        parts = {"pictures": f.picture_column, "video": f.video_column}
         try:
-            marks = _user_marks(_parse_turns(text, text_is_json))
-            return _pictures(stored, marks) if marks else []
+            turns = _parse_turns(row[TEXT_COLUMN], f.text_is_json)
+            return self._turns_and_pictures(turns, lambda part: row.get(parts[part]),
+                                            row.get(f.frames_column), True)[1]
         except BadRecord:
             return []

@@ -19,6 +19,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from model.config import IMAGE_MARK, IMAGE_PLACEHOLDER_IDS
+from model.prompt import VIDEO_MARK, clip_text
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TEMPLATE_TOKENS_PER_TURN = 8   # rough cost of "<s>user\n ... </s>\n" in approx_lengths
@@ -28,10 +29,35 @@ class BadRecord(Exception):
     """A problem with one record; the message is the reason, "kind" or "kind: detail"."""
 
 
+class Frame(NamedTuple):
+    """Keyframe `index` of the `count` evenly spaced keyframes of a clip (model/video.py)."""
+    video: Union[str, bytes]           # the clip's file path or its bytes
+    index: int
+    count: int
+
+
 class RawRecord(NamedTuple):
     record_id: object                  # the record's "id" if it has one, else None
     turns: list                        # [{"from", "value"}] or [{"role", "content"}], as stored
-    pictures: List[Union[str, bytes]]  # file paths or encoded picture bytes, one per <image> mark
+    pictures: List[Union[str, bytes, Frame]]  # paths, picture bytes or clip frames, one per <image> mark
+
+
+def expand_clip(turns: list, video, n_frames: int) -> Tuple[list, List[Frame]]:
+    """A clip record's turns with its one `<video>` mark replaced by clip_text (a picture mark
+    per keyframe), and those keyframes as pictures."""
+    if not isinstance(n_frames, int) or isinstance(n_frames, bool) or n_frames < 1:
+        raise BadRecord(f"wrong field type: 'frames' must be a positive whole number, not {n_frames!r}")
+    texts = [t.get("value", t.get("content")) if isinstance(t, dict) else None for t in turns]
+    marks = sum(text.count(VIDEO_MARK) for text in texts if isinstance(text, str))
+    if marks != 1:
+        raise BadRecord(f"video mark count mismatch: a clip needs exactly one {VIDEO_MARK} mark, found {marks}")
+    expanded = []
+    for turn, text in zip(turns, texts):
+        if isinstance(text, str) and VIDEO_MARK in text:
+            key = "value" if "value" in turn else "content"
+            turn = {**turn, key: text.replace(VIDEO_MARK, clip_text(n_frames).rstrip("\n"))}
+        expanded.append(turn)
+    return expanded, [Frame(video, k, n_frames) for k in range(n_frames)]
 
 
 # ---------------------------------------------------------------------------- checks
@@ -162,7 +188,10 @@ def _parse_line(raw: bytes):
 
 
 class JsonRecords:
-    """Records of a JSON list or JSONL file whose pictures are files in `images_dir`.
+    """Records of a JSON list or JSONL file whose pictures (and clips) are files in `images_dir`.
+
+    A record names its pictures in "image" ("a.jpg, b.jpg"), or a clip in "video" ("clip.mp4",
+    optionally "frames": N, else `frames`), whose one `<video>` mark becomes N keyframes.
 
     Built in one pass that runs the cheap checks (JSON, UTF-8, fields, turns, mark/picture
     counts, picture files inside the folder, present and not empty): bad records are listed in
@@ -171,8 +200,9 @@ class JsonRecords:
     JSONL or Parquet for big data).
     """
 
-    def __init__(self, path: str, images_dir: str, image_prefix: str = "", max_images: Optional[int] = None):
-        self.path, self.image_prefix, self.max_images = path, image_prefix, max_images
+    def __init__(self, path: str, images_dir: str, image_prefix: str = "", max_images: Optional[int] = None,
+                 frames: int = 4):
+        self.path, self.image_prefix, self.max_images, self.frames = path, image_prefix, max_images, frames
         self.images_dir = os.path.abspath(images_dir)
         self.load_problems: List[Tuple[str, str]] = []
         self.n_read = 0
@@ -184,11 +214,11 @@ class JsonRecords:
             try:
                 if error:
                     raise BadRecord(error)
-                messages, _ = self._check(record, sizes)
+                turns, pictures = self._check(record, sizes)
             except BadRecord as bad:
                 self.load_problems.append((ref, str(bad)))
                 continue
-            lengths.append(approx_length(messages))
+            lengths.append(approx_length(conversation(turns, len(pictures))))
             if offset is None:
                 kept.append((ref, record))
             else:
@@ -215,8 +245,8 @@ class JsonRecords:
 
     def read(self, i: int, with_pictures: bool = True) -> RawRecord:
         _, record = self._raw(i)
-        messages, paths = self._check(record)
-        return RawRecord(record.get("id"), record["conversations"], paths if with_pictures else [])
+        turns, paths = self._check(record)
+        return RawRecord(record.get("id"), turns, paths if with_pictures else [])
 
     def iter_pictures(self, start: int = 0, stop: Optional[int] = None, step: int = 1) -> Iterator[tuple]:
         """(index, picture paths) of records start, start + step, ...; [] for one that has gone bad."""
@@ -228,22 +258,29 @@ class JsonRecords:
 
     # ---- checks ---------------------------------------------------------------------------
     def _check(self, record, sizes=None):
-        """(messages, picture paths) of a record, or BadRecord."""
+        """(turns, pictures) of a record, or BadRecord; `sizes` given, its files are checked too."""
         if not isinstance(record, dict):
             raise BadRecord("record is not a JSON object")
         if not valid_unicode(record):
             raise BadRecord("text is not valid UTF-8")
-        for key in ("conversations", "image"):
+        field = "video" if "video" in record else "image"
+        for key in ("conversations", field):
             if key not in record:
                 raise BadRecord(f"missing field: {key!r}")
-        image = record["image"]
-        if not isinstance(image, str):
-            raise BadRecord("wrong field type: 'image' must be a string")
-        names = [n.strip() for n in image.split(",")] if image.strip() else []
-        if "" in names:
-            raise BadRecord(f"wrong field type: empty file name in 'image' ({image!r})")
-        messages = conversation(record["conversations"], len(names), self.max_images)
+        value, turns = record[field], record["conversations"]
+        if not isinstance(value, str):
+            raise BadRecord(f"wrong field type: {field!r} must be a string")
+        names = [n.strip() for n in value.split(",")] if value.strip() else []
+        if "" in names or (field == "video" and len(names) != 1):
+            raise BadRecord(f"wrong field type: {field!r} must name {'one clip' if field == 'video' else 'files'} "
+                            f"({value!r})")
         paths = [self._picture_path(n) for n in names]
+        pictures = paths
+        if field == "video":
+            if not isinstance(turns, list):
+                raise BadRecord("wrong field type: 'conversations' must be a list")
+            turns, pictures = expand_clip(turns, paths[0], record.get("frames", self.frames))
+        conversation(turns, len(pictures), self.max_images)
         if sizes is not None:
             for path in paths:
                 if path not in sizes:
@@ -252,7 +289,7 @@ class JsonRecords:
                     raise BadRecord(f"image file missing: {path}")
                 if sizes[path] == 0:
                     raise BadRecord(f"image file is empty (0 bytes): {path}")
-        return messages, paths
+        return turns, pictures
 
     def _picture_path(self, name: str) -> str:
         """The file of picture `name`, which must lie inside the images folder: a dataset must
@@ -264,14 +301,15 @@ class JsonRecords:
 
 
 def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix: str = "",
-                 max_images: Optional[int] = None):
-    """The source for `data_path`: Parquet (a file, a folder of shards or a glob) or JSON/JSONL."""
+                 max_images: Optional[int] = None, frames: int = 4):
+    """The source for `data_path`: Parquet (a file, a folder of shards or a glob) or JSON/JSONL.
+    `frames`: the keyframes of a clip whose record does not say."""
     from dataset.parquet import ParquetRecords, is_parquet
 
     if is_parquet(data_path):
-        return ParquetRecords(data_path)
+        return ParquetRecords(data_path, frames=frames)
     if not os.path.isfile(data_path):
         raise FileNotFoundError(f"data file {data_path} not found (see README: Data)")
     if images_dir is None:
         raise ValueError(f"{data_path} names its pictures by file: give the images folder (--images_path)")
-    return JsonRecords(data_path, images_dir, image_prefix, max_images)
+    return JsonRecords(data_path, images_dir, image_prefix, max_images, frames)

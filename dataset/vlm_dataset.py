@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.records import BadRecord, conversation, open_records
+from dataset.records import BadRecord, Frame, conversation, open_records
 from model.config import IGNORE_INDEX, IMAGE_MARK
 from model.prompt import count_placeholders, encode_conversation
+from model.video import VideoError, read_keyframes
 from model.vision import ImageError, load_image
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,26 @@ class Skipped:
     index: int
     record_ref: str
     reason: str
+
+
+def load_pictures(pictures) -> list:
+    """A record's pictures as RGB images: files and bytes through load_image, clip frames through
+    read_keyframes (each clip decoded once); BadRecord (one line) for any that cannot be read."""
+    clips, images = {}, []
+    for picture in pictures:
+        try:
+            if isinstance(picture, Frame):
+                clip = (picture.video if isinstance(picture.video, str) else id(picture.video), picture.count)
+                if clip not in clips:
+                    clips[clip] = read_keyframes(picture.video, picture.count)
+                images.append(clips[clip][picture.index])
+            else:
+                images.append(load_image(picture))
+        except ImageError as e:
+            raise BadRecord(f"image cannot be decoded: {e}") from None
+        except VideoError as e:
+            raise BadRecord(f"video cannot be decoded: {e}") from None
+    return images
 
 
 def summarize(problems, header: str = "") -> str:
@@ -71,11 +92,11 @@ class VLMDataset(Dataset):
     def __init__(self, data_path: str, images_dir: Optional[str], tokenizer, image_ids: Sequence[int],
                  max_seq_len: int = 512, max_turns: Optional[int] = None, image_prefix: str = "",
                  max_images: Optional[int] = None, strict: bool = False,
-                 preprocess: Optional[Callable] = None, log_problems: bool = True):
+                 preprocess: Optional[Callable] = None, log_problems: bool = True, frames: int = 4):
         if max_turns is not None and max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, not {max_turns}")
         self.data_path = data_path
-        self.source = open_records(data_path, images_dir, image_prefix, max_images)
+        self.source = open_records(data_path, images_dir, image_prefix, max_images, frames)
         self.tokenizer = tokenizer
         self.image_ids = list(image_ids)
         self.max_seq_len = max_seq_len
@@ -133,6 +154,14 @@ class VLMDataset(Dataset):
                 self.report(self.source.ref(i), reason)
                 usable[position] = False
         self.indices = self.indices[usable]
+
+    def read_groups(self):
+        """(group of every sample, window) for sources whose samples are cheap to read together
+        in groups (Parquet row groups; see ParquetRecords.read_groups), else None."""
+        if not hasattr(self.source, "read_groups"):
+            return None
+        starts, window = self.source.read_groups(with_pictures=self.features is None)
+        return np.searchsorted(starts, self.indices, side="right") - 1, window
 
     @property
     def approx_lengths(self) -> np.ndarray:
@@ -195,11 +224,7 @@ class VLMDataset(Dataset):
     def _pixels(self, pictures) -> Optional[torch.Tensor]:
         if not pictures:
             return None
-        try:
-            images = [load_image(p) for p in pictures]
-        except ImageError as e:
-            raise BadRecord(f"image cannot be decoded: {e}") from None
-        pixels = self.preprocess(images)
+        pixels = self.preprocess(load_pictures(pictures))
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or len(pixels) != len(pictures):
             raise TypeError(f"preprocess must return a tensor [{len(pictures)}, 3, H, W], "
                             f"got {getattr(pixels, 'shape', type(pixels))}")

@@ -7,9 +7,10 @@ which the real loading code then reads. It is a stand-in, good only for the demo
 import json
 import os
 
+from model.config import DEMO_VISION_MODEL as DEMO_CLIP_PATH
+
 from .pictures import IMAGE_SIZE, VERSION
 
-DEMO_CLIP_PATH = "model/vision_model/demo-clip"
 # Far above CLIP's 0.02 initialisation, so every token says where its patch is (see make_demo_clip).
 DEMO_CLIP_POSITION_STD = 1.0
 

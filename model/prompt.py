@@ -20,6 +20,17 @@ def load_tokenizer(path: str = TOKENIZER_DIR):
     return AutoTokenizer.from_pretrained(path)
 
 
+# Where a record's clip goes; it becomes its keyframes, one picture each (see clip_text).
+VIDEO_MARK = "<video>"
+
+
+def clip_text(n_frames: int, mark: str = IMAGE_MARK) -> str:
+    """What a clip becomes in a prompt: a line saying the pictures are frames of one clip, in
+    order, then one picture mark per frame. Training data and chat share it, so the model
+    always sees clips the same way."""
+    return f"以下是一段视频按时间顺序的{n_frames}帧：\n" + f"{mark}\n" * n_frames
+
+
 # Where chat front ends attach their pictures. A private-use character, so that `<image>` typed by
 # a user is just text (tokenized like any other) and cannot ask for a picture that is not there.
 PICTURE_SLOT = "\ue000"

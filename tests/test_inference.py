@@ -43,7 +43,7 @@ def test_resolve_weights(tmp_path):
         inf.resolve_weights("pretrain", str(tmp_path))
     export = tmp_path / "export"
     export.mkdir()
-    with pytest.raises(inf.UserError, match="not an exported"):
+    with pytest.raises(inf.UserError, match="not a MiniMind-V weights folder"):
         inf.resolve_weights(str(export))
     (export / "config.json").write_text(json.dumps({"model_type": "minimind-v"}))
     assert inf.resolve_weights(str(export)) == str(export)

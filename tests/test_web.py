@@ -165,3 +165,48 @@ def test_page_renders_in_headless_chromium(app_env, tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
+
+
+# -- issue #11: no traceback for a user's mistake ------------------------------------------------
+def test_sampling_widgets_only_allow_valid_settings(app_env):
+    from model.language import check_sampling
+
+    at = start_app()
+    d = inf.Sampling()
+    widgets = {"temperature": at.slider(key="temperature"), "top_p": at.slider(key="top_p"),
+               "max_new_tokens": at.slider(key="max_new_tokens"), "top_k": at.number_input(key="top_k")}
+    assert widgets["top_p"].min > 0 and widgets["top_p"].max <= 1
+    assert widgets["temperature"].min >= 0 and widgets["top_k"].min == 0
+    assert widgets["max_new_tokens"].min >= 1
+    for name, widget in widgets.items():   # every reachable setting passes the model's own check
+        for value in (widget.min, widget.max):
+            settings = dict(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
+                            repetition_penalty=d.repetition_penalty, max_new_tokens=d.max_new_tokens)
+            settings[name] = value
+            check_sampling(**settings)
+
+
+def test_typed_image_mark_is_just_text(app_env):
+    at = start_app()
+    at.slider(key="max_new_tokens").set_value(16)
+    at.chat_input[0].set_value("<image> 你好").run()            # no picture at all
+    assert not at.exception, at.exception
+    assert not at.error and len(at.session_state["history"]) == 2
+    at.multiselect[0].set_value([eval_picture()])
+    at.chat_input[0].set_value("<image> <image> 这是什么？").run()   # more marks than pictures
+    assert not at.exception, at.exception
+    assert not at.error and [m["content"] for m in at.session_state["history"][::2]] == ["<image> <image> 这是什么？"]
+    assert [m.name for m in at.chat_message] == ["user", "assistant"]
+
+
+def test_weights_of_another_model_show_an_error(app_env, tmp_path, monkeypatch):
+    import torch
+
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)},
+               tmp_path / "512_vlm_sft.pth")
+    monkeypatch.setenv("MINIMIND_OUT_DIR", str(tmp_path))
+    at = start_app()
+    assert not at.exception, at.exception
+    assert at.error and at.error[0].value.startswith("not a MiniMind-V checkpoint")
+    assert "tok_embeddings.weight" in at.error[0].value
+    assert len(at.chat_input) == 0

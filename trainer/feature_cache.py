@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dataset.records import BadRecord
-from model.vision import ImageError, load_image
+from dataset.records import BadRecord, Frame
+from dataset.vlm_dataset import load_pictures
 
 NO_ROW = -1
 
@@ -55,7 +55,11 @@ def encoder_fingerprint(encoder) -> str:
 
 
 def picture_key(picture) -> bytes:
-    """16 bytes naming a picture: a hash of its bytes, or of a file's real path, size and time."""
+    """16 bytes naming a picture: a hash of its bytes, or of a file's real path, size and time;
+    a clip's keyframe: its clip's key, its index and how many keyframes were taken."""
+    if isinstance(picture, Frame):
+        clip = picture_key(picture.video)
+        return hashlib.blake2b(clip + f"|{picture.index}/{picture.count}".encode(), digest_size=16).digest()
     if isinstance(picture, (bytes, bytearray, memoryview)):
         return hashlib.blake2b(picture, digest_size=16).digest()
     st = os.stat(picture)
@@ -112,21 +116,34 @@ class FeatureStore:
 
 
 class _Missing(Dataset):
-    """Pictures to encode, decoded and preprocessed in DataLoader workers."""
+    """Pictures to encode, a sample's at a time (a clip is decoded once for all its keyframes),
+    decoded and preprocessed in DataLoader workers. Item k: [(j, pixels or None, reason), ...]
+    for the missing pictures j of samples[k]."""
 
-    def __init__(self, source, entries, preprocess):
-        self.source, self.entries, self.preprocess = source, entries, preprocess
+    def __init__(self, source, missing, preprocess):
+        self.source, self.preprocess = source, preprocess
+        self.samples = {}
+        for j, (sample, slot, _) in enumerate(missing):
+            self.samples.setdefault(sample, []).append((j, slot))
+        self.samples = list(self.samples.items())
 
     def __len__(self):
-        return len(self.entries)
+        return len(self.samples)
 
-    def __getitem__(self, j):
-        sample, slot = self.entries[j]
+    def __getitem__(self, k):
+        sample, wanted = self.samples[k]
         try:
-            picture = self.source.read(sample).pictures[slot]
-            return j, self.preprocess([load_image(picture)])[0], None
-        except (BadRecord, ImageError, OSError) as e:   # reported for the sample, never fatal here
-            return j, None, f"image cannot be decoded: {str(e).splitlines()[0]}"
+            pictures = self.source.read(sample).pictures
+            pixels = self.preprocess(load_pictures([pictures[slot] for _, slot in wanted]))
+            return [(j, px, None) for (j, _), px in zip(wanted, pixels)]
+        except (BadRecord, OSError) as e:   # reported for the sample, never fatal here
+            reason = str(e).splitlines()[0]
+            reason = reason if reason.startswith(("image", "video")) else f"image cannot be decoded: {reason}"
+            return [(j, None, reason) for j, _ in wanted]
+
+
+def _flatten(samples):
+    return [entry for sample in samples for entry in sample]
 
 
 class FeatureCache:
@@ -227,8 +244,8 @@ class FeatureCache:
             tokens, width = self.encoder_output_shape()
             shard = np.lib.format.open_memmap(os.path.join(self.dir, shard_name), mode="w+", dtype=np.float16,
                                               shape=(len(missing), tokens, width))
-            loader = DataLoader(_Missing(source, [(s, slot) for s, slot, _ in missing], self.encoder.preprocess),
-                                batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+            loader = DataLoader(_Missing(source, missing, self.encoder.preprocess), batch_size=batch_size,
+                                num_workers=num_workers, collate_fn=_flatten)
             bar = tqdm(total=len(missing), desc="caching CLIP features", disable=not progress, unit="img")
             for items in loader:
                 good = [(j, px) for j, px, err in items if err is None]

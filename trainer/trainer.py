@@ -9,6 +9,7 @@ calls them. Run under torchrun for several GPUs (or CPU processes with gloo):
 """
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import List
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -51,8 +53,9 @@ STAGES = {
     "pretrain": Stage(name="pretrain", init_from="llm", data_path="dataset/pretrain_data.jsonl",
                       images_dir="dataset/pretrain_images", learning_rate=4e-4, epochs=4, freeze_llm=True,
                       max_images=1),
+    # SFT takes up to 4 pictures a sample: a clip's 4 keyframes (--frames) need no extra flag.
     "sft": Stage(name="sft", init_from="vlm_pretrain", data_path="dataset/sft_data.jsonl",
-                 images_dir="dataset/sft_images", learning_rate=1e-5, epochs=4, freeze_llm=False, max_images=1),
+                 images_dir="dataset/sft_images", learning_rate=1e-5, epochs=4, freeze_llm=False, max_images=4),
     "sft_multi": Stage(name="sft_multi", init_from="vlm_sft", data_path="dataset/sft_multi_data.jsonl",
                        images_dir="dataset/sft_multi_images", learning_rate=1e-5, epochs=4, freeze_llm=False,
                        max_images=4),
@@ -101,7 +104,7 @@ def train(args) -> int:
             if last:
                 break
         data.check_left_out(run, epoch)
-        logger.end_epoch(data.dataset.summary())
+        logger.end_epoch(epoch, data.dataset.summary())
     logger.finish()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -116,6 +119,12 @@ def main(stage: str, argv=None):
     except (FileNotFoundError, ValueError, CheckpointError, ResumeError) as e:
         # User errors (missing folders, bad checkpoints, bad data under --strict): one line.
         raise SystemExit(f"error: {str(e).splitlines()[0]}")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Checkpoints say so themselves (atomic_save); this is the history or the loss plot.
+        raise SystemExit(f"error: no space left on the device while writing {e.filename or 'the run outputs'}; "
+                         f"the weights saved so far are intact")
 
 
 # =========================================================================== arguments
@@ -138,10 +147,13 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--freeze_llm", action=argparse.BooleanOptionalAction, default=None,
                    help="train the projector only (default: yes in pretrain from an LLM, no otherwise)")
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", default=None, help=f"JSON/JSONL records (default {s.data_path})")
+    g.add_argument("--data_path", default=None,
+                   help=f"JSON/JSONL records, or Parquet: a file, a folder of shards or a glob (default {s.data_path})")
     g.add_argument("--images_path", default=None, help=f"image folder (default {s.images_dir})")
     g.add_argument("--image_prefix", default="", help="prefix of image file names (real SFT data: COCO_train2014_)")
-    g.add_argument("--max_images", type=int, default=None, help=f"images per record (default {s.max_images})")
+    g.add_argument("--max_images", type=int, default=None,
+                   help=f"pictures per record, a clip's keyframes included (default {s.max_images})")
+    g.add_argument("--frames", type=int, default=4, help="keyframes of a clip whose record does not say")
     g.add_argument("--max_turns", type=int, default=None, help="keep the first N exchanges (1 = v1 behaviour)")
     g.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     g.add_argument("--check_data", action="store_true", help="scan the data, report problems, do not train")
@@ -163,6 +175,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="autocast dtype on CUDA (CPU always trains in fp32)")
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder block (see README: Speed for when it pays)")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default="out")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -318,7 +332,7 @@ class TrainingData:
 def build_data(args, run: Run, tokenizer, data_path, images_path, encoder, validation=False) -> TrainingData:
     ds = VLMDataset(data_path, images_path, tokenizer, args.config.image_ids, max_seq_len=args.max_seq_len,
                     max_turns=args.max_turns, image_prefix=args.image_prefix, max_images=args.max_images,
-                    strict=args.strict, log_problems=run.master,
+                    strict=args.strict, log_problems=run.master, frames=args.frames,
                     preprocess=ImagePreprocessor.from_pretrained(args.vision_model, args.config.squash_images))
     if args.cache_features:
         from trainer.feature_cache import FeatureCache
@@ -332,7 +346,8 @@ def build_data(args, run: Run, tokenizer, data_path, images_path, encoder, valid
         raise ValueError(f"{data_path} has {len(ds)} usable records, fewer than one global batch "
                          f"({args.batch_size} x {run.world} processes x {accumulation} accumulation steps)")
     sampler = StepSampler(len(ds), args.batch_size, run.rank, run.world, accumulation, args.seed,
-                          ds.approx_lengths if args.group_by_length and not validation else None)
+                          ds.approx_lengths if args.group_by_length and not validation else None,
+                          read_groups=ds.read_groups())
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=sampler, collate_fn=make_collate(pad_id=0), num_workers=args.num_workers,
         pin_memory=run.cuda, prefetch_factor=4 if args.num_workers else None)
@@ -352,6 +367,12 @@ def build_model(args, run: Run, encoder):
     for name, p in model.named_parameters():
         p.requires_grad = not args.freeze_llm or name.startswith("vision_proj.")
     model.to(run.device)
+    if args.compile:
+        # Block by block, in place: the blocks are identical, so one compiled graph serves all of
+        # them; the splice and the label selection around them (data-dependent shapes) stay
+        # eager; and the state_dict keeps its published keys. Batch lengths vary: dynamic shapes.
+        for layer in model.layers:
+            layer.compile(dynamic=True)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.info("model %s: %.2fM parameters, %.2fM trainable%s", args.config.tag,
              sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
@@ -392,20 +413,41 @@ class StepSampler:
     global batch: 2 processes, or 1 process with accumulation 2, see the same micro-batches
     (DDP parity, and resuming on another number of GPUs), and skipping steps resumes exactly.
     `lengths` (optional) groups samples of similar length into the same step.
+    `read_groups` (optional; (group of each sample, window)) shuffles windows of `window` groups
+    at a time: every sample once per epoch, in random order within its window, with the windows
+    in random order. Parquet rows are read a row group at a time, and a window is what a
+    reader's cache holds, so each row group is decoded about once per epoch instead of once per
+    sample.
     """
 
-    def __init__(self, n, batch_size, rank=0, world=1, accumulation=1, seed=0, lengths=None):
+    def __init__(self, n, batch_size, rank=0, world=1, accumulation=1, seed=0, lengths=None, read_groups=None):
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.accumulation, self.seed, self.lengths = accumulation, seed, lengths
         self.step_batch = batch_size * world * accumulation
         self.epoch, self.start_step = 0, 0
+        self.group_starts = None
+        if read_groups is not None:
+            group_of, self.window = read_groups
+            self.members = np.argsort(group_of, kind="stable")        # samples, group by group
+            # members[group_starts[k]:group_starts[k + 1]] are the samples of group k
+            self.group_starts = np.searchsorted(group_of[self.members], np.arange(int(group_of.max(initial=-1)) + 2))
+
+    def _permutation(self, g) -> List[int]:
+        if self.group_starts is None or self.window >= len(self.group_starts) - 1:   # one window: all
+            return torch.randperm(self.n, generator=g).tolist()
+        order, starts = [], self.group_starts
+        groups = torch.randperm(len(starts) - 1, generator=g).tolist()
+        for w in range(0, len(groups), self.window):
+            window = np.concatenate([self.members[starts[k]:starts[k + 1]] for k in groups[w:w + self.window]])
+            order += window[torch.randperm(len(window), generator=g).numpy()].tolist()
+        return order
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
 
     def _order(self, epoch):
         g = torch.Generator().manual_seed(self.seed + epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
+        perm = self._permutation(g)
         S = self.step_batch
         if self.lengths is not None:
             # Sort within windows of 50 steps, then shuffle the steps: similar lengths share a
@@ -539,9 +581,10 @@ class StepLogger:
         from tqdm import tqdm
 
         a, p = self.args, self.progress
-        self.run.info("%s: %d records, %d steps/epoch x %d epoch(s), global batch %d, lr %.2g, %s",
-                      a.stage, len(data.dataset), data.steps_per_epoch, a.epochs, data.sampler.step_batch,
-                      a.learning_rate, self.run.device)
+        if self.bar is None:
+            self.run.info("%s: %d records, %d steps/epoch x %d epoch(s), global batch %d, lr %.2g, %s",
+                          a.stage, len(data.dataset), data.steps_per_epoch, a.epochs, data.sampler.step_batch,
+                          a.learning_rate, self.run.device)
         self.bar = tqdm(total=data.steps_per_epoch, initial=p.steps_in_epoch,
                         desc=f"{a.stage} epoch {p.epoch + 1}/{a.epochs}", unit="step", dynamic_ncols=True,
                         disable=not self.run.master or a.no_progress)
@@ -573,9 +616,9 @@ class StepLogger:
         if self.wandb:
             self.wandb.log({"val_loss": val_loss}, step=self.progress.step)
 
-    def end_epoch(self, summary):
+    def end_epoch(self, epoch, summary):
         self.bar.close()
-        self.run.info("%s", summary)
+        self.run.info("epoch %d done. %s", epoch + 1, summary)
 
     def finish(self):
         a = self.args

@@ -1,0 +1,457 @@
+"""Issue #11: no code runs from a file a user is handed, no work lost to a bad setting, no
+traceback for a user's mistake.
+
+Checked from the outside wherever it can be (script exit codes and stderr, files on disk), so
+each test says what a user sees, whatever the code behind it looks like.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CLI, EVAL, ROOT, common, eval_picture, losses, make_data, run_cli, save_tiny_checkpoint
+from trainer.trainer import main
+
+PRETRAIN = os.path.join(ROOT, "1-pretrain_vlm.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+# ------------------------------------------------------------------------------ helpers
+class Touch:
+    """Pickles into "call pathlib.Path.touch(marker)": code that runs the moment an unsafe
+    loader (pickle, torch.load(weights_only=False)) reads the file."""
+
+    def __init__(self, marker):
+        self.marker = pathlib.Path(marker)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def error_lines(text):
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def assert_one_error_line(stderr, *needles):
+    """stderr ends with exactly one `error: ...` line holding every needle, and shows no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and error_lines(stderr) == [lines[-1]], stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def script(out, data, clip, *extra):
+    """The command line of a pretraining run from scratch."""
+    return [sys.executable, PRETRAIN, *common(data, clip, out, "--from_scratch", *extra)]
+
+
+def run_script(cmd):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"})
+
+
+def exit_message(excinfo):
+    """The text main() exits with (what the user reads on stderr)."""
+    return str(excinfo.value.code)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"), n=8)
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """3-eval_chat.py loaded as a module (its main(argv) returns the exit code), plus a tiny
+    checkpoint to talk to."""
+    spec = importlib.util.spec_from_file_location("eval_chat", CLI)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = tmp_path_factory.mktemp("chat")
+    module.weights = save_tiny_checkpoint(folder / "64_vlm_sft.pth")
+    return module
+
+
+def chat_args(chat, clip, *extra, weights=None):
+    return ["--weight", weights or chat.weights, "--vision_model", clip, "--json", "--temperature", "0",
+            "--max_new_tokens", "6", *extra]
+
+
+def answers(stdout):
+    return [json.loads(line)["answer"] for line in stdout.splitlines() if line.startswith("{")]
+
+
+# ------------------------------------------------------------------------------ 1. files that run code
+def test_resume_file_with_code_is_refused_and_never_run(tmp_path, data, tiny_clip_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "PWNED"
+    torch.save({"format": 2, "step": 1, "epoch": 0, "steps_in_epoch": 1, "history": [], "wandb_id": None,
+                "model": {}, "optimizer": Touch(marker)}, out / "64_vlm_pretrain.pth.resume")
+    proc = run_script(script(out, data, tiny_clip_dir, "--resume", "--max_steps", "1"))
+    assert not marker.exists(), "loading the resume file ran the code inside it"
+    assert proc.returncode != 0
+    assert_one_error_line(proc.stderr, "refus", "64_vlm_pretrain.pth.resume")
+
+
+def test_weights_with_code_are_refused_and_never_run(tmp_path, data, tiny_clip_dir, chat, capsys):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "64_vlm_sft.pth"
+    torch.save({"tok_embeddings.weight": torch.zeros(4, 4), "norm.weight": Touch(marker)}, evil)
+    # A published-v1-style folder (config.json + pytorch_model.bin) is read the same safe way.
+    folder = tmp_path / "minimind-v-v1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 16}))
+    shutil.copy(evil, folder / "pytorch_model.bin")
+
+    for weights in (str(evil), str(folder)):
+        assert chat.main(chat_args(chat, tiny_clip_dir, "--image", os.path.join(EVAL, eval_picture()),
+                                   weights=weights)) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
+        assert not marker.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", common(data, tiny_clip_dir, tmp_path / "out", "--init_weight", str(evil)))
+    assert exit_message(exit_info).startswith("error:") and str(evil) in exit_message(exit_info)
+    assert "\n" not in exit_message(exit_info)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ 2. picture paths
+def test_picture_paths_outside_the_images_folder_are_bad_records(tmp_path, tiny_clip_dir, caplog):
+    folder = tmp_path / "d"
+    path, imgs = make_data(folder, n=8)
+    # Real pictures at both places, so a loader that follows the paths would happily read them.
+    shutil.copy(os.path.join(imgs, "0.png"), tmp_path / "x.png")
+    shutil.copy(os.path.join(imgs, "1.png"), tmp_path / "elsewhere.png")
+    records = [json.loads(line) for line in open(path, encoding="utf-8")]
+    records[2]["image"] = "../../x.png"
+    records[5]["image"] = str(tmp_path / "elsewhere.png")
+    pathlib.Path(path).write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+
+    from dataset.vlm_dataset import VLMDataset
+    from model.config import IMAGE_PLACEHOLDER_IDS
+    from model.prompt import load_tokenizer
+
+    with caplog.at_level("WARNING"):
+        ds = VLMDataset(path, imgs, load_tokenizer(), IMAGE_PLACEHOLDER_IDS,
+                        preprocess=lambda images: torch.zeros(len(images), 3, 224, 224))
+    assert len(ds) == 6
+    assert sorted(reason for _, reason in ds.problems) == [
+        "image path outside the images folder: '../../x.png'",
+        f"image path outside the images folder: {str(tmp_path / 'elsewhere.png')!r}"]
+    assert re.search(r"\b2\s+image path outside the images folder", ds.summary()), ds.summary()
+    assert caplog.text.count("outside the images folder") == 2
+
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", common((path, imgs), tiny_clip_dir, tmp_path / "out", "--from_scratch", "--strict"))
+    message = exit_message(exit_info)
+    assert message.startswith("error:") and "\n" not in message
+    assert "line 3" in message and "outside the images folder" in message
+
+
+# ------------------------------------------------------------------------------ 3. output folder
+def test_unwritable_output_stops_before_training(tmp_path, data, tiny_clip_dir, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")   # a folder under a file cannot be made, not even by root
+    places = [("--out_dir", blocker / "out"), ("--save_weight", blocker / "w.pth")]
+    if os.geteuid() != 0:                # root writes into read-only folders anyway
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        places.append(("--out_dir", locked))
+    for flag, place in places:
+        argv = common(data, tiny_clip_dir, tmp_path / "out", "--from_scratch", "--max_steps", "2")
+        if flag == "--out_dir":
+            argv[argv.index("--out_dir") + 1] = str(place)
+        else:
+            argv += [flag, str(place)]
+        caplog.clear()
+        with caplog.at_level("INFO"), pytest.raises(SystemExit) as exit_info:
+            main("pretrain", argv)
+        message = exit_message(exit_info)
+        assert message.startswith("error: cannot write to ") and "\n" not in message, message
+        assert str(place.parent if flag == "--save_weight" else place) in message
+        assert "step 1" not in caplog.text and "parameters" not in caplog.text   # nothing was built or trained
+
+
+# ------------------------------------------------------------------------------ 4. disk full
+def full_disk(monkeypatch, fail_now=lambda: True):
+    """Make the temp files that saves write to land on /dev/full (a real ENOSPC from the kernel)
+    whenever fail_now() is true."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        fd, tmp = real(*args, **kwargs)
+        if fail_now():
+            os.close(fd)
+            fd = os.open("/dev/full", os.O_WRONLY)
+        return fd, tmp
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from model.checkpoint import CheckpointError, atomic_save
+
+    path = tmp_path / "64_vlm_sft.pth"
+    atomic_save({"w": torch.ones(3)}, str(path))
+    before = path.read_bytes()
+    full_disk(monkeypatch)
+    with pytest.raises(CheckpointError) as error:
+        atomic_save({"w": torch.zeros(300_000)}, str(path))
+    message = str(error.value)
+    assert message.startswith("no space left on the device") and "\n" not in message
+    assert str(path) in message and "intact" in message
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == [path.name]   # no temp file left behind
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_during_training_is_one_line(tmp_path, data, tiny_clip_dir, monkeypatch):
+    out = tmp_path / "out"
+    weights = out / "64_vlm_pretrain.pth"
+    saved = {}
+
+    def after_step_1():   # step 1 saved the weights, then the resume state: the disk fills up
+        if not (out / "64_vlm_pretrain.pth.resume").exists():
+            return False
+        saved.setdefault("step 1", weights.read_bytes())
+        return True
+
+    full_disk(monkeypatch, after_step_1)
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "4",
+                                "--save_interval", "1"))
+    message = exit_message(exit_info)
+    assert message.startswith("error: no space left on the device") and "\n" not in message, message
+    assert str(weights) in message and "intact" in message
+    assert weights.read_bytes() == saved["step 1"]
+    assert sorted(os.listdir(out)) == ["64_vlm_pretrain.pth", "64_vlm_pretrain.pth.resume"]
+
+
+# ------------------------------------------------------------------------------ 5. stale temp files
+def test_temp_files_of_a_killed_save_are_removed(tmp_path, data, tiny_clip_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".64_vlm_pretrain.pth.tmp-k1ll3d", out / ".64_vlm_pretrain.pth.resume.tmp-0xdead"]
+    keep = [out / ".other.tmp-x", out / ".64_vlm_sft.pth.tmp-abc", out / "notes.txt"]
+    for f in stale + keep:
+        f.write_bytes(b"half a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "1"))
+    assert exit_info.value.code == 0
+    assert not any(f.exists() for f in stale)
+    assert all(f.exists() for f in keep)
+    assert (out / "64_vlm_pretrain.pth").exists()
+
+
+# ------------------------------------------------------------------------------ 6. other models' weights
+def test_weights_of_another_model_are_one_line(tmp_path, tiny_clip_dir, chat, capsys):
+    other = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, other)
+    proc = run_cli(*chat_args(chat, tiny_clip_dir, "--image", os.path.join(EVAL, eval_picture()),
+                              weights=str(other)))
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: not a MiniMind-V checkpoint") and "tok_embeddings.weight" in proc.stderr
+    assert "conv1.weight" in proc.stderr   # says what the file holds instead
+
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    assert chat.main(chat_args(chat, tiny_clip_dir, "--image", os.path.join(EVAL, eval_picture()),
+                               weights=str(empty))) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: not a MiniMind-V checkpoint"), err
+    assert "tok_embeddings.weight" in err and "no keys" in err
+
+
+# ------------------------------------------------------------------------------ 7. typed <image>
+def test_typed_image_marks_are_plain_text(tiny_clip_dir, chat, tokenizer, capsys):
+    from model import inference as inf
+    from model.prompt import count_placeholders
+
+    picture = os.path.join(EVAL, eval_picture())
+    assert chat.main(chat_args(chat, tiny_clip_dir, "--image", picture, "--prompt", "<image> <image> 这是什么")) == 0
+    out = capsys.readouterr()
+    assert len(answers(out.out)) == 1 and "error" not in out.err
+
+    image_ids = inf.VLMConfig().image_ids
+    assert count_placeholders(inf.build_prompt_ids(tokenizer, "<image> <image> 这是什么", 1), image_ids) == 1
+    assert count_placeholders(inf.build_prompt_ids(tokenizer, "<image> 这是什么", 0), image_ids) == 0
+    model = inf.load_model(chat.weights, tiny_clip_dir)
+    text = inf.answer(model, tokenizer, [], "<image> 这是什么", sampling=inf.Sampling(temperature=0, max_new_tokens=6))
+    assert isinstance(text, str)
+
+
+# ------------------------------------------------------------------------------ 8. --strict with workers
+def test_strict_with_workers_stops_in_one_line(tmp_path, tiny_clip_dir):
+    folder = tmp_path / "d"
+    path, imgs = make_data(folder, n=8)
+    (folder / "imgs" / "5.png").write_bytes(b"this is not a png file")
+    proc = run_script(script(tmp_path / "out", (path, imgs), tiny_clip_dir, "--strict", "--epochs", "1")
+                      + ["--num_workers", "2"])
+    assert proc.returncode != 0
+    assert_one_error_line(proc.stderr, "line 6", "5.png")
+    assert not (tmp_path / "out" / "64_vlm_pretrain.pth").exists()
+
+
+# ------------------------------------------------------------------------------ 9. sampling settings
+@pytest.mark.parametrize("flag,value", [("--max_new_tokens", "-1"), ("--max_new_tokens", "0"),
+                                        ("--temperature", "-0.5"), ("--temperature", "nan"),
+                                        ("--top_p", "0"), ("--top_p", "1.5"), ("--top_k", "-1"),
+                                        ("--repetition_penalty", "0")])
+def test_bad_sampling_flags_are_usage_errors(chat, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        chat.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    said = [line for line in err.splitlines() if "error:" in line]   # argparse: "PROG: error: ..."
+    assert len(said) == 1 and f"argument {flag}" in said[0], err
+
+
+def test_generate_rejects_bad_sampling_settings(tiny_clip_dir, chat):
+    from model import inference as inf
+
+    model = inf.load_model(chat.weights, tiny_clip_dir)
+    ids = torch.tensor([[1, 320, 275, 201, 3456, 2, 201, 1, 1078, 538, 201]])
+    for setting, value in [("max_new_tokens", -1), ("temperature", -0.5), ("top_p", 0.0), ("top_k", -1),
+                           ("repetition_penalty", 0.0), ("temperature", float("nan"))]:
+        with pytest.raises(ValueError, match=setting):
+            model.generate(ids, **{setting: value})
+    assert model.generate(ids, max_new_tokens=2, temperature=0.0).shape == (1, 2)
+
+
+def test_more_new_tokens_than_the_model_reads_names_the_setting(tiny_clip_dir, chat, capsys):
+    picture = os.path.join(EVAL, eval_picture())
+    args = chat_args(chat, tiny_clip_dir, "--image", picture)
+    args[args.index("--max_new_tokens") + 1] = "100000"
+    assert chat.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: max_new_tokens=100000"), err
+
+
+# ------------------------------------------------------------------------------ 10. interactive chat
+def test_interactive_chat_survives_bad_questions(tiny_clip_dir, chat):
+    from model import inference as inf
+
+    longest = inf.load_model(chat.weights, tiny_clip_dir).config.max_seq_len   # "长" is one token
+    questions = ["长" * (longest + 10), "你好".encode("gbk"), "这是什么颜色？"]   # too long, not UTF-8, fine
+    stdin = b"\n".join(q if isinstance(q, bytes) else q.encode() for q in questions) + b"\n"
+    proc = subprocess.run([sys.executable, CLI, *chat_args(chat, tiny_clip_dir, "--interactive", "--image",
+                                                           os.path.join(EVAL, eval_picture()))],
+                          input=stdin, capture_output=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})   # strict decoding
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    said = error_lines(err)
+    assert len(said) == 2 and "too long" in said[0] and "not UTF-8" in said[1], err
+    assert [json.loads(line)["prompt"] for line in out.splitlines() if line.startswith("{")] == ["这是什么颜色？"]
+
+
+# ------------------------------------------------------------------------------ 11. version floors
+@pytest.mark.parametrize("package,old,pretend", [
+    ("torch", "2.4.1", "import torch; torch.__version__ = '2.4.1+cu121'"),
+    ("transformers", "4.33.3", "import transformers; transformers.__version__ = '4.33.3'"),
+    ("Python", "3.9", "import sys; sys.version_info = (3, 9, 18, 'final', 0)")])
+def test_too_old_a_library_is_one_line_at_import(package, old, pretend):
+    proc = subprocess.run([sys.executable, "-c", f"{pretend}; import model"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"needs {package} >= " in lines[0] and f"found {old}" in lines[0], proc.stderr
+
+
+# ------------------------------------------------------------------------------ 12, 13. several processes
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    """34 good lines, 2 bad at load (malformed JSON, a missing picture), and 3 corrupt pictures:
+    the 2 samples of the ragged tail that 2 x batch 4 leaves out of epoch 1, and one that trains."""
+    from trainer.trainer import StepSampler
+
+    folder = tmp_path_factory.mktemp("ragged")
+    path, imgs = make_data(folder, n=34)
+    tail = StepSampler(34, 4, rank=0, world=2, seed=42).left_out(0)
+    trained = next(i for i in range(34) if i not in tail)
+    corrupt = sorted(tail + [trained])
+    assert len(tail) == 2
+    for i in corrupt:
+        (folder / "imgs" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing of a picture")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('\n{"id": 34, "image": "0.png", "conversations": [\n')
+        f.write(json.dumps({"id": 35, "image": "gone.png", "conversations": [
+            {"from": "human", "value": "<image>\n?"}, {"from": "gpt", "value": "!"}]}) + "\n")
+    bad_lines = [i + 1 for i in corrupt] + [35, 36]   # JSONL line numbers (record i is line i + 1)
+    return (path, imgs), bad_lines
+
+
+RESUME_FLAGS = ("--warmup_steps", "100")   # lr depends on the step alone, not on the run's length
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, ragged, tiny_clip_dir):
+    """One uninterrupted epoch on 2 processes: (its combined output, its out folder)."""
+    out = tmp_path_factory.mktemp("two")
+    proc = run_script(TORCHRUN + script(out, ragged[0], tiny_clip_dir, "--epochs", "1", *RESUME_FLAGS)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr, out
+
+
+@pytest.mark.slow
+def test_bad_records_are_counted_exactly_once_over_ranks(ragged, two_processes):
+    _, bad_lines = ragged
+    output, _ = two_processes
+    totals = re.findall(r"(\d+) problem\(s\)", output)
+    assert totals and int(totals[-1]) == len(bad_lines), output[-3000:]
+    for line in bad_lines:
+        warned = [w for w in output.splitlines() if re.search(rf"line {line}\b", w)]
+        assert len(warned) == 1, (line, warned)
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes(tmp_path, ragged, two_processes, tiny_clip_dir, caplog):
+    data, _ = ragged
+    _, full = two_processes
+    cut = tmp_path / "cut"
+    proc = run_script(TORCHRUN + script(cut, data, tiny_clip_dir, "--epochs", "1", "--max_steps", "2",
+                                        *RESUME_FLAGS)[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(losses(cut / "64_vlm_pretrain.pth")) == 2 and (cut / "64_vlm_pretrain.pth.resume").exists()
+
+    # Another global batch cannot continue the same sequence of steps: say which flags can.
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", common(data, tiny_clip_dir, cut, "--from_scratch", "--epochs", "1", "--resume",
+                                *RESUME_FLAGS))
+    message = exit_message(exit_info)
+    assert message.startswith("error:") and "\n" not in message
+    assert "--batch_size 4 --accumulation_steps 2" in message
+
+    # 1 process x 2 accumulation steps = the 2 x 4 it was written with: goes on as if never stopped.
+    caplog.clear()
+    with caplog.at_level("INFO"), pytest.raises(SystemExit) as exit_info:
+        main("pretrain", common(data, tiny_clip_dir, cut, "--from_scratch", "--epochs", "1", "--resume",
+                                "--accumulation_steps", "2", *RESUME_FLAGS))
+    assert exit_info.value.code == 0
+    assert [int(n) for n in re.findall(r"step (\d+) loss", caplog.text)] == [3, 4]   # only the steps left
+    a = torch.load(full / "64_vlm_pretrain.pth", weights_only=True)
+    b = torch.load(cut / "64_vlm_pretrain.pth", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5, msg=k)
+    la, lb = (losses(folder / "64_vlm_pretrain.pth") for folder in (full, cut))
+    assert len(la) == 4 and lb == pytest.approx(la, rel=1e-5)
