@@ -5,8 +5,21 @@
     python 3-eval_chat.py --multi                  # the two bird pictures as one question
     python 3-eval_chat.py --image my.jpg --interactive
     python 3-eval_chat.py --weight out/minimind-v-512-hf --json
+    python 3-eval_chat.py --image my_folder --batch_size 16   # 16 pictures at a time
+    python 3-eval_chat.py --questions heldout.jsonl --images_dir heldout_images --batch_size 16
 
-Answers stream to stdout; problems with the input go to stderr as one line each.
+Answers stream to stdout (at --batch_size 1; larger batches print each answer when its batch is
+done); problems with the input go to stderr as one line each.
+
+--questions FILE takes a file in the training data formats: JSON/JSONL records
+{"image": "a.jpg, b.jpg", "conversations": [{"from": "human", "value": "<image>\n..."}, ...]} whose
+pictures are in --images_dir, or Parquet with the pictures inside. Each record's FIRST question is
+asked about the pictures its <image> marks stand for (later turns are not asked: the model would
+need the record's own answers as history, and the first exchange is what data sets score); its
+first answer, if any, is written as "reference" beside the model's. The marks' places in the text
+are not kept: the pictures go at the start of the question, as in training data. Output: one JSON
+line per answer, {"id", "image", "prompt", "answer"[, "reference"]}, in the order answered (prompts
+of similar length are batched together). Bad records get one line each on stderr and are skipped.
 """
 import argparse
 import json
@@ -18,10 +31,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from model.config import size_tag  # noqa: E402
+from dataset.records import ROLES, BadRecord, conversation, open_records  # noqa: E402
+from model.config import IMAGE_MARK, size_tag  # noqa: E402
 from model.inference import (  # noqa: E402
-    DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, Sampling, UserError, list_images,
-    load_model, resolve_weights, stream_answer)
+    DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, Request, Sampling, UserError, check_text,
+    iter_answers, list_images, load_model, resolve_weights, stream_answer)
 from model.prompt import load_tokenizer  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
 
@@ -66,9 +80,26 @@ def parse_args(argv=None):
                    help="> 0; 1 = off")
     p.add_argument("--max_new_tokens", type=number_in(int, 1), default=d.max_new_tokens)
     p.add_argument("--json", action="store_true", help="one JSON line per answer")
+    p.add_argument("--batch_size", type=number_in(int, 1), default=1,
+                   help="questions answered at once (the pictures of --image, or --questions): faster; "
+                        "answers are printed when their batch is done. 1 (default) streams each answer")
+    p.add_argument("--questions", default=None, metavar="FILE",
+                   help="ask every record's first question of a JSON/JSONL (with --images_dir) or Parquet "
+                        "data file; one JSON line per answer (see the top of this file)")
+    p.add_argument("--images_dir", default=None, help="the pictures of a JSON/JSONL --questions file")
+    p.add_argument("--output", default=None, metavar="FILE", help="write --questions' JSON lines here, not stdout")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=None)
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=None,
+                   help="makes sampling reproducible. With temperature > 0 the answers depend on --batch_size "
+                        "too (a batch's rows share the random draws); greedy answers do not")
+    args = p.parse_args(argv)
+    if args.questions and (args.image or args.multi or args.interactive):
+        p.error("--questions brings its own pictures and questions: drop --image, --multi and --interactive")
+    if not args.questions and (args.images_dir or args.output):
+        p.error("--images_dir and --output go with --questions")
+    if args.interactive and args.batch_size > 1:
+        p.error("--interactive answers one question at a time: drop --batch_size")
+    return args
 
 
 def load_pictures(paths):
@@ -84,6 +115,7 @@ def load_pictures(paths):
 
 def ask(model, tokenizer, pictures, question, history, sampling, as_json, header=True):
     """Stream one answer to stdout (or print it as a JSON line); returns the text."""
+    check_text(question)   # before the header: a question that cannot be asked is not echoed
     images = [im for _, im in pictures]
     if header and not as_json:
         print(f"[{', '.join(os.path.basename(p) for p, _ in pictures)}] {question}", flush=True)
@@ -94,17 +126,116 @@ def ask(model, tokenizer, pictures, question, history, sampling, as_json, header
             print(piece, end="", flush=True)
     text = "".join(pieces)
     if as_json:
-        image = [p for p, _ in pictures] if len(pictures) != 1 else pictures[0][0]
-        print(json.dumps({"image": image, "prompt": question, "answer": text}, ensure_ascii=False),
-              flush=True)
+        print(json_line(pictures, question, text), flush=True)
     else:
         print("\n", flush=True)
     return text
 
 
+def json_line(pictures, question, text):
+    image = [p for p, _ in pictures] if len(pictures) != 1 else pictures[0][0]
+    return json.dumps({"image": image, "prompt": question, "answer": text}, ensure_ascii=False)
+
+
+def ask_in_batches(model, tokenizer, groups, question, sampling, as_json, batch_size):
+    """Answer `question` about every group of pictures, `batch_size` groups at a time, printing
+    each answer when its batch is done. Returns how many were answered."""
+    requests = [Request(question, [im for _, im in group]) for group in groups]
+    answered = 0
+    for index, result in iter_answers(model, tokenizer, requests, sampling, batch_size):
+        names = ", ".join(os.path.basename(p) for p, _ in groups[index])
+        if result.error is not None:   # e.g. too long for this model: the other answers still come
+            print(f"error: [{names}] {result.error}", file=sys.stderr, flush=True)
+            continue
+        answered += 1
+        if as_json:
+            print(json_line(groups[index], question, result.text), flush=True)
+        else:
+            print(f"[{names}] {question}\n{result.text}\n", flush=True)
+    return answered
+
+
+# -- --questions FILE -----------------------------------------------------------------------------
+# Stands in for the answer of a record that has none (a question-only record), so that the
+# shared record checks (turns alternate and end with an answer) still apply to the rest.
+UNANSWERED = {"from": "gpt", "value": "(no reference answer)"}
+
+
+def first_exchange(turns, pictures):
+    """(a record's first question without its <image> marks, the pictures those marks stand for,
+    the record's first answer or None); BadRecord if the record does not check."""
+    if not all(isinstance(p, (str, bytes)) for p in pictures):   # keyframes of a clip
+        raise BadRecord("video clips are not supported by --questions")
+    last = turns[-1] if isinstance(turns, list) and turns else None
+    role = last.get("from", last.get("role")) if isinstance(last, dict) else None
+    unanswered = isinstance(role, str) and ROLES.get(role) == "user"
+    messages = conversation(turns + [UNANSWERED] if unanswered else turns, len(pictures))
+    first = messages[0]["content"]
+    question = first.replace(IMAGE_MARK + "\n", "").replace(IMAGE_MARK, "")
+    reference = messages[1]["content"] if len(turns) > 1 else None
+    return question, pictures[:first.count(IMAGE_MARK)], reference
+
+
+def open_questions(path, images_dir):
+    from dataset.parquet import is_parquet
+
+    if not is_parquet(path):
+        if not os.path.isfile(path):
+            raise UserError(f"question file not found: {path}")
+        if images_dir is None:
+            raise UserError(f"{path} names its pictures by file: give their folder with --images_dir")
+        if not os.path.isdir(images_dir):
+            raise UserError(f"images folder not found: {images_dir}")
+    try:
+        return open_records(path, images_dir)
+    except (OSError, ValueError) as e:   # not JSON / not our Parquet layout / unreadable
+        raise UserError(str(e).splitlines()[0]) from None
+
+
+def question_requests(source, images_dir, records):
+    """A Request for every usable record of `source`, appending (ref, its output fields, its
+    reference answer) to `records` as it goes; the other records get one line each on stderr."""
+    for ref, reason in getattr(source, "load_problems", []):   # JSON records that failed the checks
+        print(f"skipped: {ref}: {reason}", file=sys.stderr, flush=True)
+    for i in range(len(source)):
+        ref = source.ref(i)
+        try:
+            raw = source.read(i)
+            question, pictures, reference = first_exchange(raw.turns, raw.pictures)
+        except BadRecord as bad:
+            print(f"skipped: {ref}: {bad}", file=sys.stderr, flush=True)
+            continue
+        # Pictures stored inside the file (Parquet) have no names.
+        image = (", ".join(os.path.relpath(p, images_dir) for p in pictures)
+                 if all(isinstance(p, str) for p in pictures) else None)
+        fields = {"id": raw.record_id if raw.record_id is not None else ref, "image": image, "prompt": question}
+        records.append((ref, fields, reference))
+        yield Request(question, pictures)
+
+
+def answer_questions(model, tokenizer, source, args, sampling, out):
+    """One JSON line per answered record to `out`; returns how many were answered."""
+    records, answered = [], 0
+    requests = question_requests(source, args.images_dir, records)
+    for index, result in iter_answers(model, tokenizer, requests, sampling, args.batch_size):
+        ref, fields, reference = records[index]
+        if result.error is not None:   # a picture that cannot be read, a question too long, ...
+            print(f"skipped: {ref}: {result.error}", file=sys.stderr, flush=True)
+            continue
+        answered += 1
+        line = {**fields, "answer": result.text}
+        if reference is not None:
+            line["reference"] = reference
+        print(json.dumps(line, ensure_ascii=False), file=out, flush=True)
+    return answered
+
+
 def interactive(model, tokenizer, pictures, sampling, as_json):
     history = []
     tty = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):
+        # A line that is not UTF-8 then costs one error message (see check_text), not the chat.
+        sys.stdin.reconfigure(errors="surrogateescape")
     if tty:
         names = ", ".join(os.path.basename(p) for p, _ in pictures)
         print(f"Chatting about {names}; an empty line or `exit` ends.", file=sys.stderr)
@@ -133,23 +264,47 @@ def main(argv=None) -> int:
                         args.max_new_tokens)
     try:
         weights = resolve_weights(args.weight, args.out_dir, size_tag(args.dim, args.use_moe))
+        if args.questions:
+            return questions_main(weights, args, device, sampling)
+        check_text(args.prompt)
         pictures = load_pictures(args.image or [EVAL_MULTI_IMAGES if args.multi else EVAL_IMAGES])
         if not pictures:
             raise UserError("no readable pictures to ask about")
         model = load_model(weights, args.vision_model, device)
         tokenizer = load_tokenizer()
+        groups = [pictures] if args.multi else [[p] for p in pictures]
         if args.interactive:
             chosen = pictures if args.multi else pictures[:1]
             interactive(model, tokenizer, chosen, sampling, args.json)
-        else:
-            for group in [pictures] if args.multi else [[p] for p in pictures]:
+        elif args.batch_size == 1:   # streamed, piece by piece
+            for group in groups:
                 ask(model, tokenizer, group, args.prompt, (), sampling, args.json)
+        elif not ask_in_batches(model, tokenizer, groups, args.prompt, sampling, args.json, args.batch_size):
+            raise UserError("no question could be answered")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    return 0
+
+
+def questions_main(weights, args, device, sampling) -> int:
+    source = open_questions(args.questions, args.images_dir)
+    model = load_model(weights, args.vision_model, device)
+    tokenizer = load_tokenizer()
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as e:
+        raise UserError(f"cannot write {args.output}: {e.strerror}") from None
+    try:
+        answered = answer_questions(model, tokenizer, source, args, sampling, out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if not answered:
+        raise UserError(f"no question of {args.questions} could be answered (see the lines above)")
     return 0
 
 

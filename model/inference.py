@@ -4,15 +4,24 @@ and the demo.
 - `resolve_weights` turns `pretrain` / `sft` / `sft_multi`, a `.pth` path or an exported folder
   into a path, `load_model` builds the model from it (the size is read from the weights);
 - pictures are opened with `model.vision.load_image` (one loader for training and chat);
-- `stream_answer` yields the answer text piece by piece (`answer` returns it whole).
+- `stream_answer` yields the answer text piece by piece;
+- `answer_batch` answers many `Request`s at once (left-padded batches, one `generate` call per
+  batch), `iter_answers` the same as each batch is done; `answer` is its batch of one.
+
+Greedy (temperature 0) answers do not depend on the batch size: tests/test_batched_eval.py checks
+them token for token, and the demo's held-out answers are the same batched or one by one. (Padding
+changes the shapes of the float sums, so an exact tie between two tokens could in principle
+break the other way.) Sampled answers do depend on it: the rows of a batch share one random
+stream, so a seeded run is reproducible at a given batch size but does not equal one by one.
 
 Problems a user can fix (a missing file, a picture that is not one) raise `UserError`, whose
 message is one line that names the path and what to do: front ends show it without a traceback.
 """
+import itertools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -21,6 +30,7 @@ from .checkpoint import (CheckpointError, build_vlm, config_for, folder_config, 
                          read_state_dict)
 from .config import DEFAULT_VISION_MODEL, DEMO_VISION_MODEL, REPO_ROOT, VLMConfig, size_tag
 from .prompt import PICTURE_SLOT, count_placeholders, encode_chat_prompt
+from .vision import ImageError, load_image
 
 DEFAULT_OUT_DIR = "out"
 EVAL_IMAGES = os.path.join(REPO_ROOT, "dataset", "eval_images")
@@ -45,6 +55,7 @@ class Sampling:
     top_p: float = 0.85
     repetition_penalty: float = 1.0
     max_new_tokens: int = 512
+    stop_at_eos: bool = True    # False: always max_new_tokens tokens (benchmarks compare equal lengths)
 
 
 # -- which weights ------------------------------------------------------------------------------
@@ -156,6 +167,16 @@ def list_images(paths: Iterable[str]) -> List[str]:
 
 
 # -- prompting and decoding ---------------------------------------------------------------------
+def check_text(text: str):
+    """Text read from bytes that are not UTF-8 holds lone surrogates, which the tokenizer cannot
+    take (it raises a TypeError): say so in one line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("the question is not UTF-8 text (saved in another encoding, e.g. GBK?); "
+                        "convert it to UTF-8 and ask again") from None
+
+
 def build_prompt_ids(tokenizer, question: str, n_images: int, history: Sequence[dict] = (),
                      image_ids: Sequence[int] = None, max_tokens: Optional[int] = None) -> List[int]:
     """Ids of `history` (alternating user/assistant messages) + `question`, ready to answer.
@@ -167,6 +188,8 @@ def build_prompt_ids(tokenizer, question: str, n_images: int, history: Sequence[
     """
     image_ids = image_ids if image_ids is not None else VLMConfig().image_ids
     turns = list(history)
+    for text in [question] + [m["content"] for m in turns]:
+        check_text(text)
     while True:
         messages = turns + [{"role": "user", "content": question}]
         messages[0] = dict(messages[0], content=f"{PICTURE_SLOT}\n" * n_images + messages[0]["content"])
@@ -200,22 +223,143 @@ def decode_stream(tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
         yield text[len(shown):]
 
 
+def prompt_budget(model, sampling: Sampling) -> int:
+    """How many prompt tokens fit before an answer of sampling.max_new_tokens."""
+    budget = model.config.max_seq_len - sampling.max_new_tokens
+    if budget < 1:   # say which setting is wrong, not "the question is too long ... at most -91808 fit"
+        raise UserError(f"max_new_tokens={sampling.max_new_tokens} leaves no room for the question: this "
+                        f"model reads at most {model.config.max_seq_len} tokens, question and answer together")
+    return budget
+
+
+def generate_args(tokenizer, sampling: Sampling) -> dict:
+    return dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
+                eos_token_id=tokenizer.eos_token_id if sampling.stop_at_eos else -1)   # -1: never sampled
+
+
 def stream_answer(model, tokenizer, images: Sequence[Image.Image], question: str,
                   history: Sequence[dict] = (), sampling: Optional[Sampling] = None) -> Iterator[str]:
     """Stream the model's answer to `question` about `images` (may be empty), after `history`."""
     sampling = sampling or Sampling()
     device = model.tok_embeddings.weight.device
-    budget = model.config.max_seq_len - sampling.max_new_tokens
-    ids = build_prompt_ids(tokenizer, question, len(images), history, model.config.image_ids, budget)
+    ids = build_prompt_ids(tokenizer, question, len(images), history, model.config.image_ids,
+                           prompt_budget(model, sampling))
     pixel_values = model.vision_encoder.preprocess(list(images)) if images else None
     steps = model.generate(torch.tensor([ids], device=device), pixel_values=pixel_values,
-                           max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                           top_k=sampling.top_k, top_p=sampling.top_p,
-                           repetition_penalty=sampling.repetition_penalty,
-                           eos_token_id=tokenizer.eos_token_id, stream=True)
+                           stream=True, **generate_args(tokenizer, sampling))
     yield from decode_stream(tokenizer, (step[0, 0].item() for step in steps))
 
 
 def answer(model, tokenizer, images: Sequence[Image.Image], question: str,
            history: Sequence[dict] = (), sampling: Optional[Sampling] = None) -> str:
-    return "".join(stream_answer(model, tokenizer, images, question, history, sampling))
+    """The whole answer at once: the batch of one of `answer_batch`. UserError if it cannot be given."""
+    request = Request(question, images, history)
+    return answer_batch(model, tokenizer, [request], sampling, batch_size=1)[0].text_or_raise()
+
+
+# -- many questions at once ---------------------------------------------------------------------
+Picture = Union[Image.Image, str, bytes]   # an open picture, or a file path / encoded bytes to open
+PAD_ID = 0                                 # what left padding holds (masked out, so any id would do)
+
+
+@dataclass
+class Request:
+    """A question about `images` after `history`. Pictures given as paths or bytes are opened only
+    when the request's batch runs, so a long list of requests does not hold every picture."""
+    question: str
+    images: Sequence[Picture] = ()
+    history: Sequence[dict] = ()
+
+
+@dataclass
+class Result:
+    """The answer to one Request, or why there is none (`error`, one line: a picture that cannot be
+    read, a prompt too long, ...). One bad request never sinks the others of its batch."""
+    text: Optional[str] = None
+    error: Optional[str] = None
+
+    def text_or_raise(self) -> str:
+        if self.error is not None:
+            raise UserError(self.error)
+        return self.text
+
+
+def answer_batch(model, tokenizer, requests: Sequence[Request], sampling: Optional[Sampling] = None,
+                 batch_size: int = 16) -> List[Result]:
+    """A Result for every request, in the order given, answered `batch_size` at a time.
+
+    All the requests are sorted by prompt length first, so that the rows of a batch are of
+    similar length and little compute goes into padding."""
+    results: List[Optional[Result]] = [None] * len(requests)
+    for index, result in iter_answers(model, tokenizer, requests, sampling, batch_size, window=None):
+        results[index] = result
+    return results
+
+
+def iter_answers(model, tokenizer, requests: Iterable[Request], sampling: Optional[Sampling] = None,
+                 batch_size: int = 16, window: Optional[int] = 8) -> Iterator[Tuple[int, Result]]:
+    """(index in `requests`, Result) for every request, a batch at a time, as soon as each batch is done.
+
+    Requests are read `window` batches at a time (None: all of them) and sorted by prompt length
+    within that group: results come in that order, not the order given. A bounded window lets a
+    caller print the first answers before the last requests are even read.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    sampling = sampling or Sampling()
+    budget = prompt_budget(model, sampling)
+    numbered = enumerate(requests)
+    while True:
+        group = list(itertools.islice(numbered, window * batch_size if window else None))
+        if not group:
+            return
+        prompts = []
+        for index, request in group:
+            try:
+                ids = build_prompt_ids(tokenizer, request.question, len(request.images), request.history,
+                                       model.config.image_ids, budget)
+            except UserError as e:
+                yield index, Result(error=str(e))
+                continue
+            prompts.append((index, request, ids))
+        prompts.sort(key=lambda p: len(p[2]))   # stable: prompts of equal length keep their order
+        for start in range(0, len(prompts), batch_size):
+            yield from _answer_rows(model, tokenizer, prompts[start:start + batch_size], sampling)
+
+
+def pad_left(prompts: Sequence[List[int]], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (input_ids, attention_mask) [B, longest]. Left padding: every row's last prompt
+    token sits in the last column, where generation continues; the mask keeps the padding out of
+    attention."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.tensor([[PAD_ID] * (width - len(ids)) + ids for ids in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
+    return input_ids, mask
+
+
+def open_picture(picture: Picture) -> Image.Image:
+    return picture if isinstance(picture, Image.Image) else load_image(picture)
+
+
+def _answer_rows(model, tokenizer, rows, sampling: Sampling) -> Iterator[Tuple[int, Result]]:
+    """Answer one batch, `rows` = [(index, request, prompt ids)], with one generate call."""
+    ready, images = [], []
+    for index, request, ids in rows:
+        try:
+            opened = [open_picture(p) for p in request.images]
+        except ImageError as e:
+            yield index, Result(error=str(e))
+            continue
+        ready.append((index, ids))
+        images += opened            # in row order, as the rows' placeholders come in the batch
+    if not ready:
+        return
+    input_ids, mask = pad_left([ids for _, ids in ready], model.tok_embeddings.weight.device)
+    pixel_values = model.vision_encoder.preprocess(images) if images else None
+    args = generate_args(tokenizer, sampling)
+    tokens = model.generate(input_ids, attention_mask=mask, pixel_values=pixel_values, stream=False, **args)
+    for (index, _), row in zip(ready, tokens.tolist()):
+        if args["eos_token_id"] in row:          # rows that finished early are padded with eos
+            row = row[:row.index(args["eos_token_id"])]
+        yield index, Result(text=tokenizer.decode(row, skip_special_tokens=True))

@@ -1,0 +1,318 @@
+"""Answering many questions at once: model.inference.answer_batch / iter_answers, the
+3-eval_chat.py --batch_size and --questions flags, and bench/bench_eval.py's smoke run."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CLI, EVAL, ROOT, eval_picture, save_tiny_checkpoint
+from model import inference as inf
+from model.vision import load_image
+
+GREEDY = inf.Sampling(temperature=0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("batched") / "64_vlm_sft.pth")
+
+
+@pytest.fixture(scope="module")
+def model(weights, tiny_clip_dir):
+    return inf.load_model(weights, tiny_clip_dir)
+
+
+@pytest.fixture(scope="module")
+def chat():
+    """3-eval_chat.py as a module: main(argv) in this process (a subprocess per run would spend
+    most of its time importing torch)."""
+    spec = importlib.util.spec_from_file_location("eval_chat_batched", CLI)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def picture(i):
+    return os.path.join(EVAL, eval_picture(i))
+
+
+def one_by_one(model, tokenizer, requests, sampling=GREEDY):
+    """The streaming path, which shares no batching code with answer_batch."""
+    return ["".join(inf.stream_answer(model, tokenizer, [inf.open_picture(p) for p in r.images], r.question,
+                                      r.history, sampling)) for r in requests]
+
+
+def mixed_requests():
+    """Seven requests: 0, 1 or 2 pictures (as paths, and one already opened), prompts of
+    different lengths, one with history."""
+    history = [{"role": "user", "content": "第一张图片里有什么动物？"}, {"role": "assistant", "content": "一只熊。"}]
+    return [
+        inf.Request("这是什么？", [picture(0)]),
+        inf.Request("你好", []),
+        inf.Request("比较这两张图片，哪一张更亮一些？请详细地说明理由。", [picture(1), picture(2)]),
+        inf.Request("它在做什么？", [picture(3)], history),
+        inf.Request("图中有几个人？", [load_image(picture(4))]),
+        inf.Request("请用一句话描述这张图片的颜色和内容。", [picture(5), picture(6)]),
+        inf.Request("写一首关于大海的短诗。", []),
+    ]
+
+
+# -- the library ----------------------------------------------------------------------------------
+def test_greedy_batches_equal_one_by_one(model, tokenizer):
+    requests = mixed_requests()
+    lengths = {len(inf.build_prompt_ids(tokenizer, r.question, len(r.images), r.history)) for r in requests}
+    assert len(lengths) == len(requests)                       # every batch needs left padding
+    singles = one_by_one(model, tokenizer, requests)
+    assert len(set(singles)) >= 5                              # the answers differ: pictures and words matter
+    for batch_size in (3, 7):                                  # 3 does not divide 7: a short last batch
+        results = inf.answer_batch(model, tokenizer, requests, GREEDY, batch_size)
+        assert [r.error for r in results] == [None] * len(requests)
+        assert [r.text for r in results] == singles
+    assert inf.answer(model, tokenizer, [load_image(picture(0))], "这是什么？", sampling=GREEDY) == singles[0]
+
+
+class EosIs:
+    """The tokenizer, with another token playing end-of-sequence."""
+
+    def __init__(self, tokenizer, eos):
+        self.tokenizer, self.eos_token_id = tokenizer, eos
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_rows_that_finish_early_are_cut_at_their_eos(model, tokenizer):
+    requests = mixed_requests()[:4]
+    long_run = inf.Sampling(temperature=0, max_new_tokens=12, stop_at_eos=False)
+    ids = [inf.build_prompt_ids(tokenizer, r.question, len(r.images), r.history) for r in requests]
+    tokens = [model.generate(torch.tensor([p]), max_new_tokens=12, eos_token_id=-1,
+                             pixel_values=model.vision_encoder.preprocess([inf.open_picture(x) for x in r.images])
+                             if r.images else None)[0].tolist() for p, r in zip(ids, requests)]
+    eos = tokens[0][3]                      # request 0 "ends" after 3 tokens, the others later or never
+    expected = [tokenizer.decode(t[:t.index(eos)] if eos in t else t, skip_special_tokens=True) for t in tokens]
+    assert len(set(len(e) for e in expected)) > 1
+    results = inf.answer_batch(model, EosIs(tokenizer, eos), requests, GREEDY, batch_size=4)
+    assert [r.text for r in results] == expected
+    # Without the stop, every row runs to max_new_tokens.
+    full = inf.answer_batch(model, EosIs(tokenizer, eos), requests, long_run, batch_size=4)
+    assert [r.text for r in full] == [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+
+def test_a_bad_request_does_not_sink_its_batch(model, tokenizer, tmp_path):
+    (tmp_path / "broken.png").write_text("not a picture")
+    too_long = "长" * (model.config.max_seq_len + 10)              # "长" is one token
+    history = [{"role": "user", "content": too_long}, {"role": "assistant", "content": "好"}]
+    requests = [
+        inf.Request("这是什么？", [picture(0)]),
+        inf.Request("这是什么？", [str(tmp_path / "broken.png")]),           # unreadable picture
+        inf.Request("这是什么？", [picture(1), str(tmp_path / "missing.png")]),  # missing picture
+        inf.Request(too_long, [picture(2)], history),                      # too long, even without history
+        inf.Request("你好".encode("gbk").decode("utf-8", "surrogateescape"), []),   # not UTF-8
+        inf.Request("图里有什么？", [picture(3)]),
+    ]
+    results = inf.answer_batch(model, tokenizer, requests, GREEDY, batch_size=6)
+    assert "broken.png is not a readable picture" in results[1].error
+    assert "missing.png cannot be read" in results[2].error
+    assert "too long" in results[3].error and "not UTF-8" in results[4].error
+    assert all("\n" not in r.error for r in results[1:5])
+    good = [requests[0], requests[5]]
+    assert [results[0].text, results[5].text] == one_by_one(model, tokenizer, good)
+    with pytest.raises(inf.UserError, match="not a readable picture"):
+        inf.answer(model, tokenizer, [str(tmp_path / "broken.png")], "这是什么？", sampling=GREEDY)
+
+
+def test_iter_answers_sorts_each_window_by_prompt_length(model, tokenizer):
+    # Longest first, so that sorting shows; the indices say which request each answer is for.
+    requests = [inf.Request("问" * n, []) for n in (9, 7, 5, 3, 1)]
+    short = inf.Sampling(temperature=0, max_new_tokens=2)
+    windowed = [i for i, _ in inf.iter_answers(model, tokenizer, requests, short, batch_size=2, window=1)]
+    assert windowed == [1, 0, 3, 2, 4]                # two requests at a time, shortest first
+    whole = [i for i, _ in inf.iter_answers(model, tokenizer, requests, short, batch_size=2, window=None)]
+    assert whole == [4, 3, 2, 1, 0]
+    with pytest.raises(ValueError, match="batch_size"):
+        list(inf.iter_answers(model, tokenizer, requests, short, batch_size=0))
+    assert inf.answer_batch(model, tokenizer, [], short) == []
+
+
+def test_sampled_batches_are_reproducible_with_a_seed(model, tokenizer):
+    hot = inf.Sampling(temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=10)
+    requests = mixed_requests()[:3]
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        runs.append([r.text for r in inf.answer_batch(model, tokenizer, requests, hot, batch_size=3)])
+    assert runs[0] == runs[1] != runs[2]
+
+
+# -- the command line: --batch_size -----------------------------------------------------------------
+def chat_args(weights, clip, *extra):
+    return ["--weight", weights, "--vision_model", clip, "--temperature", "0", "--max_new_tokens", "8", *extra]
+
+
+def test_cli_batches_give_the_answers_of_one_by_one(chat, weights, tiny_clip_dir, model, tokenizer, tmp_path,
+                                                      capsys):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(picture(i), folder)
+    (folder / "broken.png").write_text("not a picture")
+    outputs = {}
+    for batch_size in ("1", "2"):
+        assert chat.main(chat_args(weights, tiny_clip_dir, "--json", "--image", str(folder),
+                                   "--batch_size", batch_size)) == 0
+        out, err = capsys.readouterr()
+        assert [line for line in err.splitlines() if "broken.png" in line] == [
+            f"skipped: {folder / 'broken.png'} is not a readable picture (UnidentifiedImageError)"]
+        outputs[batch_size] = [json.loads(line) for line in out.splitlines()]
+    assert outputs["2"] == outputs["1"] and len(outputs["1"]) == 3
+    # Plain text: the header and the whole answer, once its batch is done.
+    assert chat.main(chat_args(weights, tiny_clip_dir, "--image", picture(0), picture(1), "--batch_size", "2",
+                               "--prompt", "图里有什么？")) == 0
+    expected = one_by_one(model, tokenizer, [inf.Request("图里有什么？", [picture(i)]) for i in range(2)],
+                          inf.Sampling(temperature=0, max_new_tokens=8))
+    assert capsys.readouterr().out == "".join(f"[{eval_picture(i)}] 图里有什么？\n{expected[i]}\n\n" for i in range(2))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch_size", "0"], "--batch_size: 0 is outside [1, inf]"),
+    (["--batch_size", "two"], "--batch_size: 'two' is not a int"),
+    (["--batch_size", "2", "--interactive"], "--interactive answers one question at a time"),
+    (["--images_dir", "x"], "--images_dir and --output go with --questions"),
+    (["--questions", "q.jsonl", "--multi"], "--questions brings its own pictures"),
+])
+def test_cli_rejects_bad_batch_and_question_flags(chat, extra, message, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        chat.parse_args(extra)
+    assert excinfo.value.code == 2 and message in capsys.readouterr().err
+
+
+# -- the command line: --questions ------------------------------------------------------------------
+def write_questions(folder):
+    """A JSONL question file (+ its pictures): four good records, three bad ones."""
+    images = folder / "images"
+    images.mkdir()
+    for i in range(3):
+        shutil.copy(picture(i), images / f"{i}.png")
+    (images / "corrupt.png").write_text("not a picture")
+    records = [
+        {"id": "one", "image": "0.png", "conversations": [
+            {"from": "human", "value": "<image>\n这是什么？"}, {"from": "gpt", "value": "一个女子。"}]},
+        {"id": "two", "image": "1.png, 2.png", "conversations": [
+            {"from": "human", "value": "<image>\n<image>\n这两张图有什么不同？"}, {"from": "gpt", "value": "不同的动物。"},
+            {"from": "human", "value": "哪一张更亮？"}, {"from": "gpt", "value": "第一张。"}]},
+        {"id": "missing", "image": "nowhere.png", "conversations": [
+            {"from": "human", "value": "<image>\n这是什么？"}, {"from": "gpt", "value": "?"}]},
+        {"id": "mismatch", "image": "0.png, 1.png", "conversations": [
+            {"from": "human", "value": "<image>\n这是什么？"}, {"from": "gpt", "value": "?"}]},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": [
+            {"from": "human", "value": "<image>\n这是什么？"}, {"from": "gpt", "value": "?"}]},
+        {"image": "2.png", "conversations": [
+            {"from": "human", "value": "图中是什么动物？<image>"}, {"from": "gpt", "value": "一头熊。"}]},
+        {"id": 7, "image": "", "conversations": [
+            {"from": "human", "value": "你好，请介绍一下你自己。"}, {"from": "gpt", "value": "我是 MiniMind。"}]},
+    ]
+    path = folder / "questions.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    return str(path), str(images)
+
+
+def test_cli_answers_a_question_file(chat, weights, tiny_clip_dir, model, tokenizer, tmp_path, capsys):
+    questions, images = write_questions(tmp_path)
+    output = tmp_path / "answers.jsonl"
+    code = chat.main(chat_args(weights, tiny_clip_dir, "--questions", questions, "--images_dir", images,
+                               "--batch_size", "3", "--output", str(output)))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == "" and "Traceback" not in err
+    skipped = [line for line in err.splitlines() if line.startswith("skipped:")]
+    assert len(skipped) == 3
+    assert any("'missing'" in s and "image file missing" in s for s in skipped)
+    assert any("'mismatch'" in s and "image count mismatch" in s for s in skipped)
+    assert any("'corrupt'" in s and "not a readable picture" in s for s in skipped)
+    lines = {str(r["id"]): r for r in map(json.loads, output.read_text(encoding="utf-8").splitlines())}
+    assert set(lines) == {"one", "two", f"{questions} line 6", "7"}
+    assert lines["one"] == {"id": "one", "image": "0.png", "prompt": "这是什么？",
+                            "answer": lines["one"]["answer"], "reference": "一个女子。"}
+    assert lines["two"]["image"] == "1.png, 2.png" and lines["two"]["reference"] == "不同的动物。"
+    assert lines["two"]["prompt"] == "这两张图有什么不同？"          # the first question only
+    assert lines[f"{questions} line 6"]["prompt"] == "图中是什么动物？"   # the mark moves to the front
+    assert lines["7"]["image"] == "" and lines["7"]["id"] == 7
+    # The answers are the library's, asked one by one.
+    asked = [inf.Request("这是什么？", [os.path.join(images, "0.png")]),
+             inf.Request("这两张图有什么不同？", [os.path.join(images, "1.png"), os.path.join(images, "2.png")]),
+             inf.Request("你好，请介绍一下你自己。", [])]
+    expected = one_by_one(model, tokenizer, asked, inf.Sampling(temperature=0, max_new_tokens=8))
+    assert [lines[k]["answer"] for k in ("one", "two", "7")] == expected
+
+
+def test_cli_answers_a_parquet_question_file(chat, weights, tiny_clip_dir, tmp_path, capsys):
+    from scripts.convert_data import json_to_parquet
+
+    questions, images = write_questions(tmp_path)
+    parquet = str(tmp_path / "questions.parquet")
+    json_to_parquet(questions, images, parquet, keep_order=True, progress=False)
+    capsys.readouterr()
+    answers = {}
+    for source in ([questions, "--images_dir", images], [parquet]):
+        assert chat.main(chat_args(weights, tiny_clip_dir, "--questions", *source, "--batch_size", "4")) == 0
+        answers[source[0]] = {r["prompt"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    from_json, from_parquet = answers[questions], answers[parquet]
+    # corrupt.png is a file with bytes, so the converter stores it and answering rejects it, as from JSON.
+    assert set(from_parquet) == set(from_json)
+    for prompt, row in from_parquet.items():
+        assert row["answer"] == from_json[prompt]["answer"] and row["reference"] == from_json[prompt]["reference"]
+        # The pictures are inside the file: they have no names.
+        assert row["image"] == (None if from_json[prompt]["image"] else "")
+
+
+def test_cli_asks_question_only_rows_without_a_reference(chat, weights, tiny_clip_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    picture_bytes = open(picture(0), "rb").read()
+    turns = [[{"from": "human", "value": "<image>\n这是什么？"}],
+             [{"from": "human", "value": "<image>\n这是什么？"}, {"from": "gpt", "value": "一个女子。"}]]
+    path = str(tmp_path / "questions.parquet")
+    pq.write_table(pa.table({"id": ["open", "answered"], "conversations": [json.dumps(t) for t in turns],
+                             "image_bytes": [picture_bytes, picture_bytes]}), path)
+    assert chat.main(chat_args(weights, tiny_clip_dir, "--questions", path, "--batch_size", "2")) == 0
+    lines = {r["id"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert "reference" not in lines["open"] and lines["answered"]["reference"] == "一个女子。"
+    assert lines["open"]["answer"] == lines["answered"]["answer"]       # the same question about the same picture
+
+
+def test_cli_question_file_with_nothing_to_answer_fails(chat, weights, tiny_clip_dir, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"image": "x.png", "conversations": []}\nnot json\n', encoding="utf-8")
+    code = chat.main(chat_args(weights, tiny_clip_dir, "--questions", str(path), "--images_dir", str(tmp_path)))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("skipped:") and lines[1].startswith("skipped:")
+    assert lines[2].startswith("error: no question of") and "could be answered" in lines[2]
+    assert chat.main(chat_args(weights, tiny_clip_dir, "--questions", str(path))) == 1
+    assert "--images_dir" in capsys.readouterr().err
+    assert chat.main(chat_args(weights, tiny_clip_dir, "--questions", str(tmp_path / "none.jsonl"),
+                               "--images_dir", str(tmp_path))) == 1
+    assert "question file not found" in capsys.readouterr().err
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_eval_smoke_prints_its_json():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_eval.py"), "--smoke",
+                           "--data_dir", "/nonexistent"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["questions"] == 4 and report["max_new_tokens"] == 8 and "disabled" in report["eos"]
+    assert set(report["results"]) == {"1", "4"}
+    for row in report["results"].values():
+        assert row["answers_per_s"] > 0 and row["median_s"] > 0 and len(row["seconds"]) == report["repeats"]
+    assert report["results"]["1"]["speedup_vs_batch1"] == 1.0 and report["results"]["4"]["speedup_vs_batch1"] > 0
+    assert report["same_answers_at_every_batch_size"] is True
+    assert len(report["load_average_1_5_15"]["before"]) == 3
