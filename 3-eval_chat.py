@@ -7,6 +7,10 @@
     python 3-eval_chat.py --weight out/minimind-v-512-hf --json
     python 3-eval_chat.py --image my_folder --batch_size 16   # 16 pictures at a time
     python 3-eval_chat.py --questions heldout.jsonl --images_dir heldout_images --batch_size 16
+    python 3-eval_chat.py --video clip.mp4 --frames 4 --prompt "视频里发生了什么？"
+
+A clip becomes --frames evenly spaced keyframes, one picture each (50 tokens each), introduced
+in the prompt as the frames of one clip, in order.
 
 Answers stream to stdout (at --batch_size 1; larger batches print each answer when its batch is
 done); problems with the input go to stderr as one line each.
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import sys
+from typing import List, NamedTuple
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
@@ -37,6 +42,7 @@ from model.inference import (  # noqa: E402
     DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, Request, Sampling, UserError, check_text,
     iter_answers, list_images, load_model, resolve_weights, stream_answer)
 from model.prompt import load_tokenizer  # noqa: E402
+from model.video import VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
 
 
@@ -69,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--image", nargs="+", default=None, help="picture files and/or folders "
                    "(default: dataset/eval_images, or the bird pictures with --multi)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION)
+    p.add_argument("--video", nargs="+", default=None, help="video files, each asked about through its keyframes")
+    p.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes taken from each clip")
     p.add_argument("--multi", action="store_true", help="ask about all the pictures at once")
     p.add_argument("--interactive", action="store_true",
                    help="multi-turn chat about the first picture (all of them with --multi); "
@@ -93,13 +101,25 @@ def parse_args(argv=None):
                    help="makes sampling reproducible. With temperature > 0 the answers depend on --batch_size "
                         "too (a batch's rows share the random draws); greedy answers do not")
     args = p.parse_args(argv)
-    if args.questions and (args.image or args.multi or args.interactive):
-        p.error("--questions brings its own pictures and questions: drop --image, --multi and --interactive")
+    if args.questions and (args.image or args.video or args.multi or args.interactive):
+        p.error("--questions brings its own pictures and questions: drop --image, --video, --multi and --interactive")
     if not args.questions and (args.images_dir or args.output):
         p.error("--images_dir and --output go with --questions")
     if args.interactive and args.batch_size > 1:
         p.error("--interactive answers one question at a time: drop --batch_size")
     return args
+
+
+class Subject(NamedTuple):
+    """What one question is about: some pictures, or the keyframes of one clip."""
+    paths: List[str]      # the picture files, or [the clip's file]
+    images: list
+    clip: bool = False
+
+    @property
+    def label(self) -> str:
+        names = ", ".join(os.path.basename(p) for p in self.paths)
+        return f"{names}, {len(self.images)} frames" if self.clip else names
 
 
 def load_pictures(paths):
@@ -113,45 +133,58 @@ def load_pictures(paths):
     return pictures
 
 
-def ask(model, tokenizer, pictures, question, history, sampling, as_json, header=True):
+def load_clips(paths, frames):
+    """A Subject for every readable clip; the others get one line on stderr."""
+    clips = []
+    for path in paths:
+        try:
+            clips.append(Subject([path], read_keyframes(path, frames, name=path), clip=True))
+        except VideoError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+    return clips
+
+
+def ask(model, tokenizer, subject, question, history, sampling, as_json, header=True):
     """Stream one answer to stdout (or print it as a JSON line); returns the text."""
     check_text(question)   # before the header: a question that cannot be asked is not echoed
-    images = [im for _, im in pictures]
     if header and not as_json:
-        print(f"[{', '.join(os.path.basename(p) for p, _ in pictures)}] {question}", flush=True)
+        print(f"[{subject.label}] {question}", flush=True)
     pieces = []
-    for piece in stream_answer(model, tokenizer, images, question, history, sampling):
+    for piece in stream_answer(model, tokenizer, subject.images, question, history, sampling, subject.clip):
         pieces.append(piece)
         if not as_json:
             print(piece, end="", flush=True)
     text = "".join(pieces)
     if as_json:
-        print(json_line(pictures, question, text), flush=True)
+        print(json_line(subject, question, text), flush=True)
     else:
         print("\n", flush=True)
     return text
 
 
-def json_line(pictures, question, text):
-    image = [p for p, _ in pictures] if len(pictures) != 1 else pictures[0][0]
-    return json.dumps({"image": image, "prompt": question, "answer": text}, ensure_ascii=False)
+def json_line(subject, question, text):
+    if subject.clip:
+        about = {"video": subject.paths[0], "frames": len(subject.images)}
+    else:
+        about = {"image": subject.paths if len(subject.paths) != 1 else subject.paths[0]}
+    return json.dumps({**about, "prompt": question, "answer": text}, ensure_ascii=False)
 
 
-def ask_in_batches(model, tokenizer, groups, question, sampling, as_json, batch_size):
-    """Answer `question` about every group of pictures, `batch_size` groups at a time, printing
-    each answer when its batch is done. Returns how many were answered."""
-    requests = [Request(question, [im for _, im in group]) for group in groups]
+def ask_in_batches(model, tokenizer, subjects, question, sampling, as_json, batch_size):
+    """Answer `question` about every subject, `batch_size` at a time, printing each answer when
+    its batch is done. Returns how many were answered."""
+    requests = [Request(question, s.images, clip=s.clip) for s in subjects]
     answered = 0
     for index, result in iter_answers(model, tokenizer, requests, sampling, batch_size):
-        names = ", ".join(os.path.basename(p) for p, _ in groups[index])
+        subject = subjects[index]
         if result.error is not None:   # e.g. too long for this model: the other answers still come
-            print(f"error: [{names}] {result.error}", file=sys.stderr, flush=True)
+            print(f"error: [{subject.label}] {result.error}", file=sys.stderr, flush=True)
             continue
         answered += 1
         if as_json:
-            print(json_line(groups[index], question, result.text), flush=True)
+            print(json_line(subject, question, result.text), flush=True)
         else:
-            print(f"[{names}] {question}\n{result.text}\n", flush=True)
+            print(f"[{subject.label}] {question}\n{result.text}\n", flush=True)
     return answered
 
 
@@ -230,15 +263,14 @@ def answer_questions(model, tokenizer, source, args, sampling, out):
     return answered
 
 
-def interactive(model, tokenizer, pictures, sampling, as_json):
+def interactive(model, tokenizer, subject, sampling, as_json):
     history = []
     tty = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):
         # A line that is not UTF-8 then costs one error message (see check_text), not the chat.
         sys.stdin.reconfigure(errors="surrogateescape")
     if tty:
-        names = ", ".join(os.path.basename(p) for p, _ in pictures)
-        print(f"Chatting about {names}; an empty line or `exit` ends.", file=sys.stderr)
+        print(f"Chatting about {subject.label}; an empty line or `exit` ends.", file=sys.stderr)
     while True:
         try:
             question = input("> " if tty else "").strip()
@@ -248,7 +280,7 @@ def interactive(model, tokenizer, pictures, sampling, as_json):
             break
         try:
             # At a terminal the question is on screen already; piped input gets it echoed.
-            reply = ask(model, tokenizer, pictures, question, history, sampling, as_json, header=not tty)
+            reply = ask(model, tokenizer, subject, question, history, sampling, as_json, header=not tty)
         except UserError as e:   # e.g. a question too long to fit: say so, keep the conversation
             print(f"error: {e}", file=sys.stderr, flush=True)
             continue
@@ -267,19 +299,21 @@ def main(argv=None) -> int:
         if args.questions:
             return questions_main(weights, args, device, sampling)
         check_text(args.prompt)
-        pictures = load_pictures(args.image or [EVAL_MULTI_IMAGES if args.multi else EVAL_IMAGES])
-        if not pictures:
-            raise UserError("no readable pictures to ask about")
+        subjects = load_clips(args.video, args.frames) if args.video else []
+        if args.image or not args.video:
+            pictures = load_pictures(args.image or [EVAL_MULTI_IMAGES if args.multi else EVAL_IMAGES])
+            groups = [pictures] if args.multi and pictures else [[p] for p in pictures]
+            subjects += [Subject([p for p, _ in g], [im for _, im in g]) for g in groups]
+        if not subjects:
+            raise UserError("no readable pictures or clips to ask about")
         model = load_model(weights, args.vision_model, device)
         tokenizer = load_tokenizer()
-        groups = [pictures] if args.multi else [[p] for p in pictures]
         if args.interactive:
-            chosen = pictures if args.multi else pictures[:1]
-            interactive(model, tokenizer, chosen, sampling, args.json)
+            interactive(model, tokenizer, subjects[0], sampling, args.json)
         elif args.batch_size == 1:   # streamed, piece by piece
-            for group in groups:
-                ask(model, tokenizer, group, args.prompt, (), sampling, args.json)
-        elif not ask_in_batches(model, tokenizer, groups, args.prompt, sampling, args.json, args.batch_size):
+            for subject in subjects:
+                ask(model, tokenizer, subject, args.prompt, (), sampling, args.json)
+        elif not ask_in_batches(model, tokenizer, subjects, args.prompt, sampling, args.json, args.batch_size):
             raise UserError("no question could be answered")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

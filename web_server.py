@@ -19,7 +19,10 @@ import torch  # noqa: E402
 from model.inference import (  # noqa: E402
     DEFAULT_QUESTION, EVAL_IMAGES, WEIGHTS_HINT, Sampling, UserError, count_parameters, find_checkpoints,
     list_images, load_model, stream_answer)
+from model.video import VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
+
+VIDEO_TYPES = ["mp4", "webm", "mov", "avi", "mkv", "m4v"]
 
 OUT_DIR = os.environ.get("MINIMIND_OUT_DIR", os.path.join(ROOT, "out"))
 VISION_MODEL = os.environ.get("MINIMIND_VISION_MODEL") or None
@@ -59,9 +62,10 @@ def sidebar():
         repetition_penalty=d.repetition_penalty,
         max_new_tokens=st.sidebar.slider("Max new tokens", 16, 2048, d.max_new_tokens, 16,
                                          key="max_new_tokens"))
+    frames = st.sidebar.slider("Keyframes per clip", 1, 8, 4, key="frames")
     if st.sidebar.button("New chat"):
         st.session_state.history = []
-    return weights, sampling
+    return weights, sampling, frames
 
 
 def pictures():
@@ -82,11 +86,30 @@ def pictures():
     return found
 
 
+@st.cache_data(show_spinner="Reading the clip…", max_entries=4)
+def keyframes(data: bytes, name: str, n_frames: int):
+    return read_keyframes(data, n_frames, name=name)
+
+
+def clip(n_frames):
+    """An uploaded clip's keyframes as [(label, image)], or None; a file that is not a readable
+    clip (or has too few frames) gets an error message."""
+    upload = st.file_uploader("…or a video (asked about through its keyframes)", type=VIDEO_TYPES)
+    if upload is None:
+        return None
+    try:
+        frames = keyframes(upload.getvalue(), upload.name, n_frames)
+    except VideoError as e:
+        st.error(str(e))
+        return None
+    return [(f"{upload.name} · frame {k + 1}/{n_frames}", frame) for k, frame in enumerate(frames)]
+
+
 def main():
     st.set_page_config(page_title="MiniMind-V", page_icon="🖼️")
     st.title("MiniMind-V")
-    st.caption("A tiny vision-language model: ask it about your pictures.")
-    weights, sampling = sidebar()
+    st.caption("A tiny vision-language model: ask it about your pictures, or a clip.")
+    weights, sampling, frames = sidebar()
     try:
         model = get_model(weights, VISION_MODEL, DEVICE)
     except UserError as e:
@@ -95,8 +118,13 @@ def main():
     st.sidebar.caption(f"{count_parameters(model) / 1e6:.1f}M parameters (+ frozen CLIP) · {DEVICE}")
 
     shown = pictures()
+    video = clip(frames)
+    if video is not None:
+        if shown:
+            st.info("A clip and pictures were given: the chat is about the clip.")
+        shown = video
     if shown:
-        st.image([im for _, im in shown], caption=[n for n, _ in shown], width=160)
+        st.image([im for _, im in shown], caption=[n for n, _ in shown], width=120 if video else 160)
     # A new set of pictures starts a new conversation: the history is about the old ones.
     key = hashlib.sha1(repr([(n, im.resize((8, 8)).tobytes()) for n, im in shown]).encode()).hexdigest()
     if st.session_state.get("pictures_key") != key:
@@ -112,7 +140,7 @@ def main():
         with st.chat_message("assistant"):
             try:
                 reply = st.write_stream(stream_answer(model, get_tokenizer(), [im for _, im in shown],
-                                                      question, history, sampling))
+                                                      question, history, sampling, clip=video is not None))
             except UserError as e:
                 st.error(str(e))
                 return

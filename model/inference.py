@@ -29,7 +29,7 @@ from PIL import Image
 from .checkpoint import (CheckpointError, build_vlm, config_for, folder_config, is_weights_folder, load_weights,
                          read_state_dict)
 from .config import DEFAULT_VISION_MODEL, DEMO_VISION_MODEL, REPO_ROOT, VLMConfig, size_tag
-from .prompt import PICTURE_SLOT, count_placeholders, encode_chat_prompt
+from .prompt import PICTURE_SLOT, clip_text, count_placeholders, encode_chat_prompt
 from .vision import ImageError, load_image
 
 DEFAULT_OUT_DIR = "out"
@@ -178,13 +178,15 @@ def check_text(text: str):
 
 
 def build_prompt_ids(tokenizer, question: str, n_images: int, history: Sequence[dict] = (),
-                     image_ids: Sequence[int] = None, max_tokens: Optional[int] = None) -> List[int]:
+                     image_ids: Sequence[int] = None, max_tokens: Optional[int] = None,
+                     clip: bool = False) -> List[int]:
     """Ids of `history` (alternating user/assistant messages) + `question`, ready to answer.
 
     The pictures belong to the conversation, so their marks (one per picture, as in the original)
-    go at the start of the first user turn that is kept. `<image>` typed in a question is plain
-    text: pictures come with the request, not from what the user types. When the prompt exceeds
-    `max_tokens`, the oldest exchanges are dropped.
+    go at the start of the first user turn that is kept; with `clip` the pictures are the
+    keyframes of one clip and are introduced as such (model/prompt.clip_text, as in training).
+    `<image>` typed in a question is plain text: pictures come with the request, not from what
+    the user types. When the prompt exceeds `max_tokens`, the oldest exchanges are dropped.
     """
     image_ids = image_ids if image_ids is not None else VLMConfig().image_ids
     turns = list(history)
@@ -192,7 +194,8 @@ def build_prompt_ids(tokenizer, question: str, n_images: int, history: Sequence[
         check_text(text)
     while True:
         messages = turns + [{"role": "user", "content": question}]
-        messages[0] = dict(messages[0], content=f"{PICTURE_SLOT}\n" * n_images + messages[0]["content"])
+        marks = clip_text(n_images, PICTURE_SLOT) if clip and n_images else f"{PICTURE_SLOT}\n" * n_images
+        messages[0] = dict(messages[0], content=marks + messages[0]["content"])
         ids = encode_chat_prompt(tokenizer, messages, image_ids, mark=PICTURE_SLOT)
         if count_placeholders(ids, image_ids) != n_images:
             raise UserError("the conversation spells out the picture placeholder (25 '<' then 25 '>') "
@@ -239,12 +242,14 @@ def generate_args(tokenizer, sampling: Sampling) -> dict:
 
 
 def stream_answer(model, tokenizer, images: Sequence[Image.Image], question: str,
-                  history: Sequence[dict] = (), sampling: Optional[Sampling] = None) -> Iterator[str]:
-    """Stream the model's answer to `question` about `images` (may be empty), after `history`."""
+                  history: Sequence[dict] = (), sampling: Optional[Sampling] = None,
+                  clip: bool = False) -> Iterator[str]:
+    """Stream the model's answer to `question` about `images` (may be empty; with `clip`, the
+    keyframes of one clip), after `history`."""
     sampling = sampling or Sampling()
     device = model.tok_embeddings.weight.device
     ids = build_prompt_ids(tokenizer, question, len(images), history, model.config.image_ids,
-                           prompt_budget(model, sampling))
+                           prompt_budget(model, sampling), clip)
     pixel_values = model.vision_encoder.preprocess(list(images)) if images else None
     steps = model.generate(torch.tensor([ids], device=device), pixel_values=pixel_values,
                            stream=True, **generate_args(tokenizer, sampling))
@@ -252,9 +257,9 @@ def stream_answer(model, tokenizer, images: Sequence[Image.Image], question: str
 
 
 def answer(model, tokenizer, images: Sequence[Image.Image], question: str,
-           history: Sequence[dict] = (), sampling: Optional[Sampling] = None) -> str:
+           history: Sequence[dict] = (), sampling: Optional[Sampling] = None, clip: bool = False) -> str:
     """The whole answer at once: the batch of one of `answer_batch`. UserError if it cannot be given."""
-    request = Request(question, images, history)
+    request = Request(question, images, history, clip)
     return answer_batch(model, tokenizer, [request], sampling, batch_size=1)[0].text_or_raise()
 
 
@@ -270,6 +275,7 @@ class Request:
     question: str
     images: Sequence[Picture] = ()
     history: Sequence[dict] = ()
+    clip: bool = False        # the images are the keyframes of one clip (model/video.read_keyframes)
 
 
 @dataclass
@@ -318,7 +324,7 @@ def iter_answers(model, tokenizer, requests: Iterable[Request], sampling: Option
         for index, request in group:
             try:
                 ids = build_prompt_ids(tokenizer, request.question, len(request.images), request.history,
-                                       model.config.image_ids, budget)
+                                       model.config.image_ids, budget, request.clip)
             except UserError as e:
                 yield index, Result(error=str(e))
                 continue
