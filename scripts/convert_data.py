@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset.parquet import (PICTURE_COLUMNS, ParquetRecords, is_parquet,  # noqa: E402
                              layout_of, parquet_files)
-from dataset.records import BadRecord, JsonRecords, conversation  # noqa: E402
+from dataset.records import BadRecord, Frame, JsonRecords, conversation  # noqa: E402
 DEFAULT_ROW_GROUP_SIZE = 1000
 # The dictionary page holds the distinct pictures of a row group; past this limit the writer
 # falls back to plain encoding (still correct, no longer deduplicated). Parquet page sizes
@@ -159,8 +159,11 @@ def _stage_records(data_path, images_dir, image_prefix, staging_path, problems, 
         for i in tqdm(range(len(records)), desc="staging records", unit=" records", disable=not progress):
             try:
                 raw = records.read(i)
+                if any(isinstance(p, Frame) for p in raw.pictures):
+                    raise BadRecord("a clip record: only picture records are converted (keep clips as JSONL "
+                                    "+ files, or write their bytes to a video_bytes column)")
                 turns = conversation(raw.turns, len(raw.pictures))
-            except BadRecord as bad:   # changed since the first pass
+            except BadRecord as bad:   # changed since the first pass, or a clip
                 problems.add(records.ref(i), str(bad))
                 continue
             has_id = raw.record_id is not None
