@@ -304,12 +304,14 @@ def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix:
                  max_images: Optional[int] = None, frames: int = 4):
     """The source for `data_path`: Parquet (a file, a folder of shards or a glob) or JSON/JSONL.
     `frames`: the keyframes of a clip whose record does not say."""
+    import glob
+
     from dataset.parquet import ParquetRecords, is_parquet
 
+    if not glob.has_magic(data_path) and not os.path.exists(data_path):
+        raise FileNotFoundError(f"data file {data_path} not found (see README: Using the real weights and data)")
     if is_parquet(data_path):
         return ParquetRecords(data_path, frames=frames)
-    if not os.path.isfile(data_path):
-        raise FileNotFoundError(f"data file {data_path} not found (see README: Data)")
     if images_dir is None:
         raise ValueError(f"{data_path} names its pictures by file: give the images folder (--images_path)")
     return JsonRecords(data_path, images_dir, image_prefix, max_images, frames)

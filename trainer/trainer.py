@@ -41,8 +41,8 @@ log = logging.getLogger("minimind_v")
 class Stage:
     name: str            # pretrain | sft | sft_multi: the output is out/{tag}_vlm_{name}.pth
     init_from: str       # what the default starting weights are called
-    data_path: str
-    images_dir: str
+    data_paths: tuple    # default data, the first that exists: the official Parquet, then the v1 layout
+    images_dir: str      # the v1 layout's pictures (Parquet holds its own)
     learning_rate: float
     epochs: int
     freeze_llm: bool     # default for --freeze_llm (pretrain from an LLM: projector only)
@@ -50,13 +50,14 @@ class Stage:
 
 
 STAGES = {
-    "pretrain": Stage(name="pretrain", init_from="llm", data_path="dataset/pretrain_data.jsonl",
+    "pretrain": Stage(name="pretrain", init_from="llm",
+                      data_paths=("dataset/pretrain_i2t.parquet", "dataset/pretrain_data.jsonl"),
                       images_dir="dataset/pretrain_images", learning_rate=4e-4, epochs=4, freeze_llm=True,
                       max_images=1),
     # SFT takes up to 4 pictures a sample: a clip's 4 keyframes (--frames) need no extra flag.
-    "sft": Stage(name="sft", init_from="vlm_pretrain", data_path="dataset/sft_data.jsonl",
+    "sft": Stage(name="sft", init_from="vlm_pretrain", data_paths=("dataset/sft_i2t.parquet", "dataset/sft_data.jsonl"),
                  images_dir="dataset/sft_images", learning_rate=1e-5, epochs=4, freeze_llm=False, max_images=4),
-    "sft_multi": Stage(name="sft_multi", init_from="vlm_sft", data_path="dataset/sft_multi_data.jsonl",
+    "sft_multi": Stage(name="sft_multi", init_from="vlm_sft", data_paths=("dataset/sft_multi_data.jsonl",),
                        images_dir="dataset/sft_multi_images", learning_rate=1e-5, epochs=4, freeze_llm=False,
                        max_images=4),
 }
@@ -148,7 +149,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                    help="train the projector only (default: yes in pretrain from an LLM, no otherwise)")
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None,
-                   help=f"JSON/JSONL records, or Parquet: a file, a folder of shards or a glob (default {s.data_path})")
+                   help="Parquet (a file, a folder of shards or a glob) or JSON/JSONL records with --images_path "
+                        f"(default: the first that exists of {', '.join(s.data_paths)})")
     g.add_argument("--images_path", default=None, help=f"image folder (default {s.images_dir})")
     g.add_argument("--image_prefix", default="", help="prefix of image file names (real SFT data: COCO_train2014_)")
     g.add_argument("--max_images", type=int, default=None,
@@ -204,7 +206,7 @@ def resolve(args, stage: str):
         cfg.n_layers = args.n_layers
     args.config = cfg
     tag = cfg.tag
-    args.data_path = args.data_path or s.data_path
+    args.data_path = args.data_path or next((p for p in s.data_paths if os.path.exists(p)), s.data_paths[0])
     args.images_path = args.images_path or s.images_dir
     args.max_images = args.max_images or s.max_images
     args.init_weight = None if args.from_scratch else (
