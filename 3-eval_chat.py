@@ -97,6 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--images_dir", default=None, help="the pictures of a JSON/JSONL --questions file")
     p.add_argument("--output", default=None, metavar="FILE", help="write --questions' JSON lines here, not stdout")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (and on CUDA replay it as a CUDA graph): costs seconds "
+                        "once, pays off over long sessions (README: Speed)")
     p.add_argument("--seed", type=int, default=None,
                    help="makes sampling reproducible. With temperature > 0 the answers depend on --batch_size "
                         "too (a batch's rows share the random draws); greedy answers do not")
@@ -306,7 +309,7 @@ def main(argv=None) -> int:
             subjects += [Subject([p for p, _ in g], [im for _, im in g]) for g in groups]
         if not subjects:
             raise UserError("no readable pictures or clips to ask about")
-        model = load_model(weights, args.vision_model, device)
+        model = load_model(weights, args.vision_model, device, args.compile)
         tokenizer = load_tokenizer()
         if args.interactive:
             interactive(model, tokenizer, subjects[0], sampling, args.json)
@@ -326,7 +329,7 @@ def main(argv=None) -> int:
 
 def questions_main(weights, args, device, sampling) -> int:
     source = open_questions(args.questions, args.images_dir)
-    model = load_model(weights, args.vision_model, device)
+    model = load_model(weights, args.vision_model, device, args.compile)
     tokenizer = load_tokenizer()
     try:
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout

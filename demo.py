@@ -2,6 +2,7 @@
 
     python demo.py            # full demo (about 10 minutes on 2 CPU cores)
     python demo.py --quick    # reduced demo (CI's end-to-end test)
+    python demo.py --video    # and then a video stage: which way does the shape move?
 
 1. generates pictures of coloured shapes with Chinese captions and questions, in the original
    data formats (dataset/demo/; the SFT set also as Parquet with the pictures inside, the
@@ -10,7 +11,10 @@
 2. runs the real training scripts: 1-pretrain_vlm.py, 2-sft_vlm.py, 2-sft_vlm.py --multi
    (a small LLM trained from scratch, demo preset);
 3. answers questions about held-out pictures with the inference code of 3-eval_chat.py,
-   scores them, and writes out/demo/report.md (+ report.json, a picture grid, loss curves).
+   scores them, and writes out/demo/report.md (+ report.json, a picture grid, loss curves);
+4. with --video: generates short clips of one moving (or still) shape, trains 2-sft_vlm.py on
+   them from the two-picture model, and scores its answers to held-out clips (direction,
+   shape) from their keyframes, as 3-eval_chat.py --video answers.
 The vision encoder is a random demo encoder: the pictures are simple enough that a frozen random
 projection keeps colour, shape, position and count. For real pictures use the real CLIP.
 """
@@ -25,11 +29,14 @@ from collections import defaultdict
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
-from demo_shapes import generate_demo_data, make_demo_clip, names_colour_and_shape, score_answer  # noqa: E402
+from demo_shapes import (CLIP_FILES, generate_clip_data, generate_demo_data, make_demo_clip,  # noqa: E402
+                         names_colour_and_shape, score_answer)
+from demo_shapes.clips import N_KEYFRAMES  # noqa: E402
 from model.config import DEMO_VISION_MODEL as DEMO_CLIP, VLMConfig  # noqa: E402
 TAG = VLMConfig.from_preset("demo").tag          # output files are out/demo/{TAG}_vlm_*.pth
 # "caption" needs colour, shape and count right; the pretrain target only colour and shape (1/18).
 CHANCE = {"caption": 1 / 54, "colour": 1 / 6, "shape": 1 / 3, "position": 1 / 5, "count": 1 / 3, "multi": 1 / 2}
+VIDEO_CHANCE = {"direction": 1 / 5, "shape": 1 / 3}
 
 # Sizes and schedule of a run. "full" aims at the accuracy targets in the README; "quick" is the
 # CI smoke test: the same pipeline with less data and fewer steps.
@@ -41,10 +48,12 @@ PLANS = {
     # more than another epoch would. What was measured: docs/demo_notes.md.
     "full": dict(n_pretrain=6000, n_sft=5000, n_multi=3000, n_rehearsal=500, n_heldout=480,
                  pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=1, lr=2e-3, batch_size=32),
-                 multi=dict(epochs=5, lr=2e-3, batch_size=16)),
+                 multi=dict(epochs=5, lr=2e-3, batch_size=16),
+                 n_video=2000, n_video_heldout=200, video=dict(epochs=2, lr=1e-3, batch_size=16)),
     "quick": dict(n_pretrain=2000, n_sft=2000, n_multi=400, n_rehearsal=400, n_heldout=120,
                   pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=1, lr=2e-3, batch_size=32),
-                  multi=dict(epochs=1, lr=1e-3, batch_size=32)),
+                  multi=dict(epochs=1, lr=1e-3, batch_size=32),
+                  n_video=200, n_video_heldout=40, video=dict(epochs=1, lr=1e-3, batch_size=16)),
 }
 
 
@@ -87,8 +96,10 @@ def evaluate(weights, records, device, batch_size=64):
     model = load_model(weights, DEMO_CLIP, device)
     tokenizer = load_tokenizer()
     greedy = Sampling(temperature=0.0, max_new_tokens=48)   # the longest references ("which" answers) are ~40 tokens
-    # The inference code puts one <image> mark per picture before the question, as training did.
-    requests = [Request(rec["question"].replace("<image>\n", ""), rec["paths"]) for rec in records]
+    # The inference code puts one <image> mark per picture (for a clip: the line introducing
+    # its keyframes, then theirs) before the question, as training did.
+    requests = [Request(rec["question"].replace("<video>\n", ""), rec["keyframes"], clip=True) if "keyframes" in rec
+                else Request(rec["question"].replace("<image>\n", ""), rec["paths"]) for rec in records]
     answers = answer_batch(model, tokenizer, requests, greedy, batch_size)
     results = []
     for rec, reply in zip(records, answers):
@@ -109,6 +120,18 @@ def held_out(demo_dir):
     return records
 
 
+def held_out_clips(demo_dir):
+    """The held-out clip questions, each with the keyframes the model is asked about."""
+    from model.video import read_keyframes
+
+    data, folder = CLIP_FILES["video_heldout"]
+    with open(os.path.join(demo_dir, data), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    for rec in records:
+        rec["keyframes"] = read_keyframes(os.path.join(demo_dir, folder, rec["video"]), N_KEYFRAMES)
+    return records
+
+
 def accuracy(results):
     by_type = defaultdict(list)
     for r in results:
@@ -120,42 +143,52 @@ def colour_shape(caption_results):
     return sum(r["colour_and_shape"] for r in caption_results) / max(len(caption_results), 1)
 
 
-def picture_grid(results, path, n=12):
-    """Held-out pictures with a green (right) or red (wrong) frame, numbered for the report's
-    table (Chinese text stays in the Markdown: no CJK font is needed)."""
+def picture_grid(results, path, n=12, cols=4, cell=160, slots=2):
+    """Held-out pictures (a clip: its keyframes side by side) with a green (right) or red (wrong)
+    frame, numbered for the report's table (Chinese text stays in the Markdown: no CJK font is
+    needed). Each example gets room for `slots` pictures."""
     from PIL import Image, ImageDraw
 
     shown = results[:n]
-    cell, pad, cols = 160, 8, 4
+    pad = 8
     rows = (len(shown) + cols - 1) // cols
-    grid = Image.new("RGB", (cols * (2 * cell + pad) + pad, rows * (cell + 30) + pad), "white")
+    grid = Image.new("RGB", (cols * (slots * cell + pad) + pad, rows * (cell + 30) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for k, r in enumerate(shown):
-        x0 = pad + (k % cols) * (2 * cell + pad)
+        x0 = pad + (k % cols) * (slots * cell + pad)
         y0 = pad + (k // cols) * (cell + 30)
-        for j, p in enumerate(r["paths"]):
-            grid.paste(Image.open(p).convert("RGB").resize((cell, cell)), (x0 + j * cell, y0 + 22))
-        width = cell * len(r["paths"])
+        pictures = r.get("keyframes") or [Image.open(p) for p in r["paths"]]
+        for j, picture in enumerate(pictures):
+            grid.paste(picture.convert("RGB").resize((cell, cell)), (x0 + j * cell, y0 + 22))
+        width = cell * len(pictures)
         colour = (30, 160, 60) if r["correct"] else (210, 40, 40)
         draw.rectangle([x0 - 2, y0 + 20, x0 + width + 1, y0 + 22 + cell + 1], outline=colour, width=3)
         draw.text((x0, y0 + 4), f"#{k + 1} {r['qtype']}", fill=(0, 0, 0))
     grid.save(path)
 
 
-def write_report(args, plan, timings, acc_final, acc_caption, results, caption_results):
+def write_report(args, plan, timings, acc_final, acc_caption, results, caption_results, video=None):
+    """`video`: the video stage's results, accuracy and picture_accuracy (the video model's on
+    the picture questions), when it ran."""
     out = args.out_dir
     picture_grid(results, os.path.join(out, "heldout_grid.png"))
     report = {"plan": args.plan, "timings_s": timings, "accuracy": acc_final,
               "pretrain_caption_accuracy": acc_caption["caption"],
               "pretrain_caption_colour_shape": colour_shape(caption_results), "chance": CHANCE,
               "n_heldout": len(results), "machine": f"{os.cpu_count()} CPU cores"}
+    if video:
+        picture_grid(video["results"], os.path.join(out, "video_strip.png"), n=VIDEO_SHOWN, cols=2, cell=112,
+                     slots=N_KEYFRAMES)
+        report.update(video_accuracy=video["accuracy"], video_chance=VIDEO_CHANCE,
+                      n_video_heldout=len(video["results"]), video_model_picture_accuracy=video["picture_accuracy"])
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False, indent=1)
     lines = ["# MiniMind-V offline demo", "",
              f"Plan `{args.plan}` on {os.cpu_count()} CPU cores, demo LLM trained from scratch, "
              "frozen random demo CLIP.", "", "## Wall time", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    lines += ["", "## Held-out accuracy (final model: sft_multi)", "", "| question | accuracy | chance |", "|---|---|---|"]
+    lines += ["", "## Held-out accuracy (pictures; model: sft_multi)", "", "| question | accuracy | chance |",
+              "|---|---|---|"]
     lines += [f"| {k} | {v:.1%} | {CHANCE[k]:.0%} |" for k, v in acc_final.items()]
     lines += [f"| caption by the pretrain model | {acc_caption['caption']:.1%} | {CHANCE['caption']:.0%} |",
               f"| caption by the pretrain model names colour and shape | "
@@ -167,8 +200,10 @@ def write_report(args, plan, timings, acc_final, acc_caption, results, caption_r
         lines.append(f"| {k + 1} | {q} | {r['prediction']} | {r['answer']} | {'✓' if r['correct'] else '✗'} |")
     lines += ["", "## Pretrain captions", ""]
     lines += [f"- {r['prediction']} (reference: {r['answer']})" for r in caption_results[:5]]
+    if video:
+        lines += video_report(video)
     lines += ["", "## Loss curves", ""]
-    for stage in ("pretrain", "sft", "sft_multi"):
+    for stage in ("pretrain", "sft", "sft_multi", "sft_video"):
         name = f"{TAG}_vlm_{stage}_loss.png"
         if os.path.exists(os.path.join(out, name)):
             lines.append(f"![{stage}]({name})")
@@ -177,9 +212,54 @@ def write_report(args, plan, timings, acc_final, acc_caption, results, caption_r
     return report
 
 
+def video_stage(args, plan, picture_records, timings):
+    """Clips: their data, a stage on them from the two-picture model, and its answers to held-out
+    clips (and to the picture questions: what it kept). Adds its wall times to `timings`."""
+    d, out = args.data_dir, args.out_dir
+    t0 = time.time()
+    generate_clip_data(d, seed=args.seed, n_train=plan["n_video"], n_heldout=plan["n_video_heldout"])
+    timings["video data"] = time.time() - t0
+    data, folder = CLIP_FILES["video"]
+    weights = os.path.join(out, f"{TAG}_vlm_sft_video.pth")
+    timings["sft_video"] = train_stage(
+        "2-sft_vlm.py", ["--init_weight", os.path.join(out, f"{TAG}_vlm_sft_multi.pth"), "--save_weight", weights,
+                         "--frames", str(N_KEYFRAMES)],
+        os.path.join(d, data), os.path.join(d, folder), plan["video"], args)
+    t0 = time.time()
+    results = evaluate(weights, held_out_clips(d), args.device)
+    pictures = evaluate(weights, picture_records, args.device)
+    timings["video evaluation"] = time.time() - t0
+    return {"results": results, "accuracy": accuracy(results), "picture_accuracy": accuracy(pictures)}
+
+
+VIDEO_SHOWN = 20   # held-out clips in the strip and the report's table
+
+
+def video_report(video):
+    """The report's video section (Markdown lines)."""
+    lines = ["", "## Video: held-out clips (model: sft_video)", "",
+             f"{len(video['results'])} new clips of one shape moving left to right, right to left, top to bottom, "
+             f"bottom to top, or standing still; the model sees {N_KEYFRAMES} keyframes of each "
+             "(`3-eval_chat.py --video`'s input).", "",
+             "| question | accuracy | chance |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.1%} | {VIDEO_CHANCE[k]:.0%} |" for k, v in video["accuracy"].items()]
+    lines += ["", "The video model on the picture questions (the table above is the sft_multi model's):", "",
+              "| question | accuracy |", "|---|---|"]
+    lines += [f"| {k} | {v:.1%} |" for k, v in video["picture_accuracy"].items()]
+    lines += ["", f"Each row of the strip: two clips, each as its {N_KEYFRAMES} keyframes in time order.", "",
+              "![held-out clips](video_strip.png)", "",
+              "| # | question | model answer | reference | right |", "|---|---|---|---|---|"]
+    for k, r in enumerate(video["results"][:VIDEO_SHOWN]):
+        q = r["question"].replace("<video>", "🎞").replace("\n", " ")
+        lines.append(f"| {k + 1} | {q} | {r['prediction']} | {r['answer']} | {'✓' if r['correct'] else '✗'} |")
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="reduced demo (CI): less data, fewer steps")
+    p.add_argument("--video", action="store_true",
+                   help="then train on clips from the two-picture model and score held-out clips")
     p.add_argument("--out_dir", default=os.path.join("out", "demo"))
     p.add_argument("--data_dir", default=os.path.join("dataset", "demo"))
     p.add_argument("--seed", type=int, default=0)
@@ -213,14 +293,21 @@ def main(argv=None):
     captions = [r for r in records if r["qtype"] == "caption"]
     caption_results = evaluate(os.path.join(args.out_dir, f"{TAG}_vlm_pretrain.pth"), captions, args.device)
     timings["evaluation"] = time.time() - t0
+    video = video_stage(args, plan, records, timings) if args.video else None
     timings["total"] = time.time() - t_all
-    report = write_report(args, plan, timings, accuracy(results), accuracy(caption_results), results, caption_results)
+    report = write_report(args, plan, timings, accuracy(results), accuracy(caption_results), results, caption_results,
+                          video)
 
     print("\nHeld-out accuracy (final model):")
     for k, v in report["accuracy"].items():
         print(f"  {k:9s} {v:6.1%}   (chance {CHANCE[k]:.0%})")
     print(f"  pretrain captions {report['pretrain_caption_accuracy']:.1%} "
           f"(colour and shape right: {report['pretrain_caption_colour_shape']:.1%})")
+    if video:
+        print("Held-out clips (video model):")
+        for k, v in report["video_accuracy"].items():
+            print(f"  {k:9s} {v:6.1%}   (chance {VIDEO_CHANCE[k]:.0%})")
+        print("  picture questions: " + ", ".join(f"{k} {v:.1%}" for k, v in report["video_model_picture_accuracy"].items()))
     print("Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"Report: {os.path.join(args.out_dir, 'report.md')}")
     return 0

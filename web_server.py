@@ -4,7 +4,8 @@
 
 Environment variables (all optional): MINIMIND_OUT_DIR (where weights and exported folders
 are looked for, default out/), MINIMIND_VISION_MODEL (CLIP folder; default: chosen from the
-weights), MINIMIND_EVAL_IMAGES (sample pictures), MINIMIND_DEVICE (default cuda if available).
+weights), MINIMIND_EVAL_IMAGES (sample pictures), MINIMIND_DEVICE (default cuda if available),
+MINIMIND_COMPILE=1 (compiled decoding, as 3-eval_chat.py --compile).
 """
 import hashlib
 import os
@@ -28,12 +29,13 @@ OUT_DIR = os.environ.get("MINIMIND_OUT_DIR", os.path.join(ROOT, "out"))
 VISION_MODEL = os.environ.get("MINIMIND_VISION_MODEL") or None
 SAMPLES_DIR = os.environ.get("MINIMIND_EVAL_IMAGES", EVAL_IMAGES)
 DEVICE = os.environ.get("MINIMIND_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+COMPILE = os.environ.get("MINIMIND_COMPILE", "") not in ("", "0")   # as 3-eval_chat.py --compile
 
 
 @st.cache_resource(show_spinner="Loading the model…")
 def get_model(weights: str, vision_model: str, device: str):
     # Once per process and checkpoint; sessions share it (generation keeps no state on the model).
-    return load_model(weights, vision_model, device)
+    return load_model(weights, vision_model, device, COMPILE)
 
 
 @st.cache_resource

@@ -1,13 +1,19 @@
 """Generation speed of the 512x8 MiniMind-V on this CPU, against a re-implementation of the
 original v1 decoding loop.
 
-    python bench/bench_generate.py [--new_tokens 100] [--repeats 3] [--threads 2]
+    python bench/bench_generate.py [--new_tokens 100] [--repeats 3] [--threads 2] [--no_compile]
+    python bench/bench_generate.py --device cuda [--dtype bfloat16]
 
 One picture plus a question, exactly `--new_tokens` new tokens (eos disabled), greedy. Prints
 JSON: time to first token (picture encoding + prompt) and decode tokens/s, with the KV cache
-on and off, and for the v1-style baseline. Random weights and a randomly initialised CLIP
-ViT-B/32 (built in memory from CLIPVisionConfig's defaults): speed does not depend on the
-values. Each figure is the median of `--repeats` runs (a single run without the cache).
+(eager, compiled, and on CUDA replayed from a CUDA graph) and without it, and for the v1-style
+baseline; each loop's `overhead_ms_per_token`, its decode time per token minus
+`matmul_floor_ms_per_token` (its weight matmuls alone); the compile time and the answer length
+from which compiling pays off; on CUDA the peak memory of each loop. Random weights and a
+randomly initialised CLIP ViT-B/32 (built in memory from CLIPVisionConfig's defaults): speed
+does not depend on the values. Each figure is the median of `--repeats` runs (a single run
+without the cache), taken round-robin after one warm-up run of each loop. docs/decode_speed.md
+has the results and what each optimisation bought.
 """
 import argparse
 import json
@@ -98,7 +104,8 @@ class V1Baseline:
             if i >= start:                                     # only the prompt step splices
                 h[b, i - start:i - start + self.span] = projected[n]
         T = step_ids.shape[1]
-        pos_cis = torch.complex(m.rope_cos[start:start + T], m.rope_sin[start:start + T])
+        # v1's complex rotations, from our tables (which hold each angle twice: see rope_tables).
+        pos_cis = torch.complex(m.rope_cos[start:start + T, ::2].float(), m.rope_sin[start:start + T, 1::2].float())
         for layer in m.layers:
             h = h + self.attention(layer.attention, self.rms_norm(layer.attention_norm, h), pos_cis, use_cache)
             ff = layer.feed_forward
@@ -111,7 +118,8 @@ class V1Baseline:
         """Greedy; yields [B, 1] per step like MiniMindVLM.generate(stream=True)."""
         for layer in self.m.layers:
             layer.attention.v1_k = layer.attention.v1_v = None
-        image_features = self.m.vision_encoder(pixel_values)
+        # In the projector's dtype (CLIP's output under CUDA autocast may be another).
+        image_features = self.m.vision_encoder(pixel_values).to(self.m.vision_proj.vision_proj[0].weight.dtype)
         ids = input_ids
         for step in range(max_new_tokens):
             start = ids.shape[1] - 1 if use_cache and step else 0
@@ -122,34 +130,67 @@ class V1Baseline:
             yield ids[:, -1:]
 
 
-def timed(steps):
+def timed(steps, device):
     """(seconds to the first token, decode tokens/s after it, all tokens) of a token stream."""
+    sync(device)
     t0 = time.perf_counter()
     tokens, first = [], None
     for tok in steps:
-        tokens.append(int(tok[0, 0]))
+        tokens.append(int(tok[0, 0]))   # on CUDA this waits for the token, as a streaming reader does
         if first is None:
             first = time.perf_counter()
+    sync(device)
     end = time.perf_counter()
     return first - t0, (len(tokens) - 1) / (end - first), tokens
 
 
-def matmul_floor_ms(model: MiniMindVLM, repeats: int = 20) -> float:
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_floor_ms(model: MiniMindVLM, device, repeats: int = 20) -> float:
     """Milliseconds per token of the weight matmuls alone (every 2-D weight of the decoder
     times one token's activation): the floor under any decode step at batch 1 on this machine,
-    whatever the bookkeeping around it costs."""
+    whatever the bookkeeping around it costs. On CUDA the matmuls are replayed from a CUDA graph,
+    so that the floor is the GPU's time for them, not the time to launch them."""
     weights = [w for name, w in model.named_parameters()
                if w.dim() == 2 and not name.startswith("vision_proj")]
-    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in weights}
+
+    def matmuls():
+        for _ in range(repeats):
+            for w in weights:
+                F.linear(xs[w.shape[1]], w)
+
+    run = matmuls
     with torch.inference_mode():
+        if device.type == "cuda":
+            matmuls()   # warm-up (cuBLAS handles, workspaces) before capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                matmuls()
+            run = graph.replay
         best = float("inf")
         for _ in range(3):
+            sync(device)
             t0 = time.perf_counter()
-            for _ in range(repeats):
-                for w in weights:
-                    F.linear(xs[w.shape[1]], w)
+            run()
+            sync(device)
             best = min(best, (time.perf_counter() - t0) / repeats * 1000)
     return best
+
+
+# Our decoding loop's variants: (compile_decoding's compile, cuda_graph). On CUDA also the
+# eager step replayed from a CUDA graph, and the compiled step with and without one.
+CPU_VARIANTS = {"kv_cache": (False, False), "compiled": (True, False)}
+CUDA_VARIANTS = {"kv_cache": (False, False), "cuda_graph": (False, True), "compiled": (True, False),
+                 "compiled_cuda_graph": (True, True)}
+
+
+def first_difference(a, b):
+    """Index of the first token where two answers differ (None if equal)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def main(argv=None):
@@ -157,19 +198,29 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda; never chosen automatically")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile variants")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
 
     config = VLMConfig.from_preset("512")
-    model = MiniMindVLM(config, random_clip_b32()).eval()
+    model = MiniMindVLM(config, random_clip_b32()).eval().to(device, dtype)
     tokenizer = load_tokenizer()
     image = load_image(list_images([EVAL_IMAGES])[0])
-    input_ids = torch.tensor([build_prompt_ids(tokenizer, DEFAULT_QUESTION, 1)])
+    input_ids = torch.tensor([build_prompt_ids(tokenizer, DEFAULT_QUESTION, 1)], device=device)
     baseline = V1Baseline(model)
 
     # Generators: picture preprocessing happens inside the timed region, for every loop alike.
-    def ours(use_cache):
+    def ours(use_cache=True, compile=False, cuda_graph=False):
+        model.compile_decoding(compile, cuda_graph)   # cheap to repeat: compiled code is cached
         pixel_values = model.vision_encoder.preprocess([image])
         yield from model.generate(input_ids, max_new_tokens=args.new_tokens, eos_token_id=-1,
                                   use_cache=use_cache, stream=True, pixel_values=pixel_values)
@@ -177,39 +228,80 @@ def main(argv=None):
     def v1():
         yield from baseline.generate(input_ids, model.vision_encoder.preprocess([image]), args.new_tokens)
 
+    variants = CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS
+    if args.no_compile:
+        variants = {name: v for name, v in variants.items() if not v[0]}
     # (generator factory, repeats): without a cache every step re-reads the whole sequence,
     # so one run of it is enough to show the difference and keeps the bench short.
-    runs = {"kv_cache": (lambda: ours(True), args.repeats), "no_kv_cache": (lambda: ours(False), 1),
-            "v1_baseline": (v1, args.repeats)}
-    timed(ours(True))   # warm-up
+    runs = {name: (lambda c=c, g=g: ours(True, c, g), args.repeats) for name, (c, g) in variants.items()}
+    runs.update({"no_kv_cache": (lambda: ours(False), 1), "v1_baseline": (v1, args.repeats)})
+    # Warm-up, one run each; the first compiled run also compiles (timed, for the break-even).
+    first_run_s = {}
+    for name, (make, _) in runs.items():
+        if name != "no_kv_cache":
+            t0 = time.perf_counter()
+            timed(make(), device)
+            first_run_s[name] = time.perf_counter() - t0
+            print(f"warm-up: {name} done", file=sys.stderr, flush=True)   # progress
     # Round-robin, so that a burst of load from other processes hits every loop alike.
     samples = {name: [] for name in runs}
+    peak_mib = {}
     for r in range(args.repeats):
         for name, (make, repeats) in runs.items():
             if r < repeats:
-                samples[name].append(timed(make()))
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                samples[name].append(timed(make(), device) + (time.perf_counter() - t0,))
+                if device.type == "cuda":
+                    peak_mib[name] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
                 print(f"run {r + 1}: {name} done", file=sys.stderr, flush=True)   # progress
-    results = {name: {"ttft_s": round(statistics.median(s[0] for s in got), 4),
-                      "decode_tok_s": round(statistics.median(s[1] for s in got), 1),
-                      "new_tokens": len(got[0][2])} for name, got in samples.items()}
+    floor_ms = matmul_floor_ms(model, device)
+    results = {}
+    for name, got in samples.items():
+        decode_ms = 1000 / statistics.median(s[1] for s in got)
+        results[name] = {"ttft_s": round(statistics.median(s[0] for s in got), 4),
+                         "decode_tok_s": round(1000 / decode_ms, 1),
+                         "decode_ms_per_token": round(decode_ms, 3),
+                         # What the loop costs beyond its weight matmuls: the part we control.
+                         "overhead_ms_per_token": round(decode_ms - floor_ms, 3),
+                         "new_tokens": len(got[0][2])}
+        if name in peak_mib:
+            results[name]["peak_memory_mib"] = peak_mib[name]
     outputs = {name: got[0][2] for name, got in samples.items()}
-    floor_ms = matmul_floor_ms(model)
     v1_step_ms = 1000 / results["v1_baseline"]["decode_tok_s"]
     report = {
         "config": f"dim={config.dim} n_layers={config.n_layers} vision=CLIP ViT-B/32 (random)",
         "prompt_tokens": input_ids.shape[1], "threads": args.threads, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
         "cpu": platform.processor() or platform.machine(),
         # Other processes on the machine slow every figure: report how busy it was.
-        "load_average_1min": round(os.getloadavg()[0], 2), **results,
+        "load_average_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
+        **results,
         "speedup_vs_v1": {
             "decode": round(results["kv_cache"]["decode_tok_s"] / results["v1_baseline"]["decode_tok_s"], 2),
             "ttft": round(results["v1_baseline"]["ttft_s"] / results["kv_cache"]["ttft_s"], 2)},
         # A decode step can never be faster than its weight matmuls: this bounds any speedup.
-        "matmul_floor_ms_per_token": round(floor_ms, 2),
+        "matmul_floor_ms_per_token": round(floor_ms, 3),
         "max_possible_decode_speedup_vs_v1": round(v1_step_ms / floor_ms, 2),
-        # Same weights, greedy: all three loops must produce the same tokens.
-        "same_tokens": outputs["kv_cache"] == outputs["no_kv_cache"] == outputs["v1_baseline"],
     }
+    for name, (compile, _) in variants.items():
+        if compile:
+            # Compiling costs once per process (and shape), then saves on every token: the
+            # answer length from which compiling first pays off, against the eager loop.
+            whole_s = statistics.median(s[3] for s in samples[name])
+            eager = "cuda_graph" if variants[name][1] else "kv_cache"
+            saved_ms = results[eager]["decode_ms_per_token"] - results[name]["decode_ms_per_token"]
+            compile_s = first_run_s[name] - whole_s
+            report[f"{name}_compile_s"] = round(compile_s, 1)
+            report[f"{name}_break_even_tokens"] = round(compile_s * 1000 / saved_ms) if saved_ms > 0 else None
+    # Same weights: every loop must produce the same greedy tokens (in fp32; bf16 rounding may
+    # tip a near tie differently in a differently fused loop: see first_difference).
+    reference = outputs["kv_cache"]
+    report["same_tokens"] = all(out == reference for out in outputs.values())
+    report["first_difference"] = {name: first_difference(reference, out) for name, out in outputs.items()
+                                  if out != reference}
     print(json.dumps(report, indent=2))
 
 

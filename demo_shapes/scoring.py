@@ -2,7 +2,8 @@
 
 An answer is right when it states the expected fact and nothing contradicting it; the wording
 is free ("红色。", "是红的" and "红颜色" all name red). The facts are read out of the text by
-keyword: `colours_in`, `shapes_in`, `positions_in` and `counts_in` list what a text mentions.
+keyword: `colours_in`, `shapes_in`, `positions_in`, `counts_in` and `motions_in` list what a
+text mentions.
 """
 import re
 
@@ -14,6 +15,13 @@ _POSITION_WORDS = {"左上": "左上", "右上": "右上", "左下": "左下", "
                    "中间": "中间", "中央": "中间", "正中": "中间", "中心": "中间"}
 _NUMBER_WORDS = {**{str(d): d for d in range(10)},
                  **{c: i for i, c in enumerate("零一二三四五六七八九十")}, "两": 2, "俩": 2}
+_OPPOSITE = {"左": "右", "右": "左", "上": "下", "下": "上"}
+# A clip's motion (clips.MOTIONS): "从左往右", "从左到右", "向右" ... all say left to right.
+_MOTION_WORDS = {
+    **{f"从{a}{via}{b}": f"从{a}往{b}" for a, b in _OPPOSITE.items() for via in "往向到至"},
+    **{f"{via}{b}": f"从{a}往{b}" for a, b in _OPPOSITE.items() for via in "往向朝"},
+    **{w: "没有移动" for w in ("没有移动", "没移动", "没有动", "没动", "不动", "静止", "原地")},
+}
 # Words whose numeral characters are not counts.
 _NOT_COUNTS = re.compile("三角|一样|一种|同一|第[一二两12]|[一两12]张|一下|一共|一起")
 
@@ -36,6 +44,10 @@ def shapes_in(text):
 
 def positions_in(text):
     return _mentions(text, _POSITION_WORDS)
+
+
+def motions_in(text):
+    return _mentions(text, _MOTION_WORDS)
 
 
 def counts_in(text):
@@ -78,6 +90,8 @@ def score_answer(record, answer_text):
         return ok and (not positions or (a["count"] == 1 and set(positions) == {a["position"]}))
     if qtype == "multi":
         return _score_multi(a, text)
+    if qtype == "direction":   # a clip's (clips.py); its "shape" question is scored as a picture's
+        return _states(motions_in(text), a["motion"])
     raise ValueError(f"unknown qtype {qtype!r}")
 
 

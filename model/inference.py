@@ -124,11 +124,13 @@ def choose_vision_model(width: int, recorded: Optional[str] = None) -> str:
     return candidates[0]   # loading it fails with a message that says how to get it
 
 
-def load_model(weights: str, vision_model_path: Optional[str] = None, device: str = "cpu"):
+def load_model(weights: str, vision_model_path: Optional[str] = None, device: str = "cpu", compile: bool = False):
     """A MiniMindVLM in eval mode, with its vision tower, from a `.pth` file or an exported folder.
 
     Without `vision_model_path` the vision model is the one an export recorded, else the first
-    of the default and demo CLIP folders whose width fits the weights.
+    of the default and demo CLIP folders whose width fits the weights. `compile`: decoding steps
+    go through torch.compile (and on CUDA a CUDA graph), see `MiniMindLM.compile_decoding`; off
+    by default because compiling takes seconds that a short chat never earns back (README: Speed).
     """
     try:
         sd = read_state_dict(weights)
@@ -143,9 +145,10 @@ def load_model(weights: str, vision_model_path: Optional[str] = None, device: st
         log.warning("%s holds no vision projector (LLM-only weights): pictures go through an "
                     "untrained projector", weights)
     try:
-        return model.to(device).eval()
+        model = model.to(device).eval()
     except (RuntimeError, AssertionError) as e:   # e.g. cuda asked for on a CPU-only torch
         raise UserError(f"cannot use device {device!r}: {str(e).splitlines()[0]}") from None
+    return model.compile_decoding(cuda_graph=True) if compile else model
 
 
 def count_parameters(model) -> int:

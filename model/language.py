@@ -8,6 +8,7 @@ The KV cache is an object passed in and returned by `forward` (`KVCache`), never
 modules, so several generations can run side by side and training is unaffected.
 """
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
@@ -29,8 +30,8 @@ class LMOutput:
 class KVCache:
     """Keys and values of every position seen so far, one [B, kv_heads, capacity, head_dim]
     buffer per layer, written in place: a decoding step appends one position instead of
-    copying the whole past (torch.cat) or repeating it for the query heads. `generate` sizes it
-    for prompt + max_new_tokens; a caller who goes further gets a buffer twice as big."""
+    copying the whole past (torch.cat) or repeating it for the query heads. When a write goes
+    past the capacity, every buffer moves into one twice as big (`grow`)."""
 
     def __init__(self, n_layers: int, capacity: int = 256):
         self.keys: List[Optional[torch.Tensor]] = [None] * n_layers
@@ -38,20 +39,36 @@ class KVCache:
         self.capacity = capacity
         self.length = 0   # positions already stored (the model advances it after each forward)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, kv_heads, T, D] after the cached positions; return all of them so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, position: Optional[torch.Tensor] = None):
+        """Store k, v [B, kv_heads, T, D]; return the keys and values to attend over.
+
+        Without `position`: after the `length` positions stored so far, returning exactly those.
+        With `position` (a tensor of T positions, inside the capacity: a decoding step, see
+        `MiniMindLM.decode_step`): there, returning the whole buffers, whose positions not
+        written yet the step's mask hides, so that every step has the same shapes."""
+        if position is not None:
+            self.keys[layer].index_copy_(2, position, k)
+            self.values[layer].index_copy_(2, position, v)
+            return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
-        for store in (self.keys, self.values):
-            buf = store[layer]
-            if buf is None or end > buf.shape[2]:
-                size = max(self.capacity, end) if buf is None else max(end, 2 * buf.shape[2])
-                grown = k.new_empty(k.shape[0], k.shape[1], size, k.shape[3])
-                if buf is not None:
-                    grown[:, :, :start] = buf[:, :, :start]
-                store[layer] = grown
+        if end > self.capacity:
+            self.grow(max(end, 2 * self.capacity))
+        if self.keys[layer] is None:
+            # Zeroed: a decoding step attends over the whole buffer, and 0 * a garbage NaN is NaN.
+            self.keys[layer], self.values[layer] = (k.new_zeros(*k.shape[:2], self.capacity, k.shape[3])
+                                                    for _ in range(2))
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def grow(self, capacity: int):
+        """Move every buffer into a zeroed one of `capacity` positions."""
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                if buf is not None:
+                    store[i] = buf.new_zeros(*buf.shape[:2], capacity, buf.shape[3])
+                    store[i][:, :, :buf.shape[2]] = buf
+        self.capacity = capacity
 
 
 class RMSNorm(nn.Module):
@@ -61,28 +78,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits. One
+        # call with the weight: a decoding step pays per op, not per element.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float):
-    """cos/sin of the rotation angles, shape [max_len, head_dim/2]."""
+    """The cos and sin tables [max_len, head_dim] that `apply_rope` takes: every angle twice, as
+    (cos, cos) and (-sin, +sin) for the two members of its pair."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
-    return angles.cos(), angles.sin()
+    return angles.cos().repeat_interleave(2, dim=-1), torch.stack((-angles.sin(), angles.sin()), dim=-1).flatten(-2)
 
 
-def rope_rotation(cos, sin):
-    """The rotations as unit complex numbers [T, D/2], built once per forward for all layers."""
-    return torch.complex(cos.float(), sin.float())
-
-
-def apply_rope(x, rotation):
-    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of the last dim by multiplying each pair,
-    read as the complex number x0 + i*x1, by the rotation (MiniMind's formulation; one complex
-    multiply instead of a dozen real ops). x: [B, T, H, D]; rotation: [T, D/2] complex."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation[None, :, None, :]).flatten(-2).type_as(x)
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of the last dim by their angles (MiniMind's
+    pairing), in fp32: (x0 cos - x1 sin, x1 cos + x0 sin) = x * cos + (x1, x0) * (-sin, sin).
+    Real arithmetic, which torch.compile fuses (it cannot fuse a complex multiply), in the
+    fewest ops. x: [B, T, H, D]; cos, sin: [T, D] (see rope_tables), the same for every head."""
+    x = x.float()
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos[:, None] + swapped * sin[:, None]
 
 
 def dropout_layer(p: float) -> nn.Module:
@@ -90,7 +106,36 @@ def dropout_layer(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
-class Attention(nn.Module):
+class Stacked(nn.Module):
+    """A module whose linear layers named in `stacked` read the same input: one matmul with their
+    weights one under the other does the work of all of them (at batch 1 a matmul also has a
+    fixed cost besides reading its weight). The layers stay separate modules, so parameters,
+    state_dict keys, gradients and optimizers all see the published layout."""
+    stacked = ()
+
+    def stacked_weight(self, decoding: bool) -> torch.Tensor:
+        """With gradients on, concatenated in every forward, so that they reach each layer.
+        Otherwise the copy that `refresh_stacked` keeps (concatenating would cost a decoding step
+        as much as the matmul): checked first, except in decoding steps (torch.compile cannot
+        trace the check; `generate` refreshes the copies before its first step)."""
+        if torch.is_grad_enabled():
+            return torch.cat([getattr(self, name).weight for name in self.stacked])
+        if not decoding:
+            self.refresh_stacked()
+        return self.__dict__["_stacked"][1]
+
+    def refresh_stacked(self):
+        """Rebuild the decoding copy if a weight changed since it was made: in place (an optimizer
+        step, load_state_dict: the version counters move) or replaced (.to(): the addresses move)."""
+        weights = [getattr(self, name).weight for name in self.stacked]
+        key = [(w.data_ptr(), w._version) for w in weights]
+        if self.__dict__.get("_stacked", (None,))[0] != key:
+            self.__dict__["_stacked"] = (key, torch.cat(weights).detach())
+
+
+class Attention(Stacked):
+    stacked = ("wq", "wk", "wv")
+
     def __init__(self, cfg: VLMConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -101,15 +146,15 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = dropout_layer(cfg.dropout)
 
-    def forward(self, x, rotation, mask, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, rope, mask, cache: Optional[KVCache] = None, layer: int = 0, position=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rotation), apply_rope(k, rotation)
+        H, K = self.n_heads, self.n_kv_heads
+        qkv = F.linear(x, self.stacked_weight(position is not None)).view(B, T, H + 2 * K, self.head_dim)
+        q, k = apply_rope(qkv[:, :, :H + K], *rope).type_as(x).split([H, K], dim=2)   # side by side: one call
+        v = qkv[:, :, H + K:]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))   # [B, heads, T, D]
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, k, v, position)
         # enable_gqa: query head h reads kv head h // (n_heads / n_kv_heads), as
         # repeat_interleave would give, without materialising the repeated keys and values.
         # mask None means "plain causal over new tokens with no cache" (the training case).
@@ -121,8 +166,9 @@ class Attention(nn.Module):
         return self.resid_dropout(self.wo(out))
 
 
-class FeedForward(nn.Module):
+class FeedForward(Stacked):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    stacked = ("w1", "w3")
 
     def __init__(self, cfg: VLMConfig):
         super().__init__()
@@ -131,8 +177,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.dropout = dropout_layer(cfg.dropout)
 
-    def forward(self, x):
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+    def forward(self, x, decoding: bool = False):
+        gate, up = F.linear(x, self.stacked_weight(decoding)).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
 
 
 class MoEGate(nn.Module):
@@ -173,8 +220,9 @@ class MoEFeedForward(nn.Module):
         self.gate = MoEGate(cfg)
         self.shared_experts = FeedForward(cfg) if cfg.n_shared_experts else None
 
-    def forward(self, x):
-        """Returns (output, load-balancing aux loss)."""
+    def forward(self, x, decoding: bool = False):
+        """Returns (output, load-balancing aux loss). Its experts concatenate their weights at
+        every call, decoding or not (a step routes a token to only some of them)."""
         B, T, D = x.shape
         top_i, top_w, aux = self.gate(x)
         flat = x.reshape(-1, D)
@@ -199,10 +247,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MoEFeedForward(cfg) if cfg.use_moe else FeedForward(cfg)
 
-    def forward(self, x, rotation, mask, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, rope, mask, cache: Optional[KVCache] = None, layer: int = 0, position=None):
         """Returns (output, MoE load-balancing loss or None for a dense block)."""
-        x = x + self.attention(self.attention_norm(x), rotation, mask, cache, layer)
-        ff = self.feed_forward(self.ffn_norm(x))
+        x = x + self.attention(self.attention_norm(x), rope, mask, cache, layer, position)
+        ff = self.feed_forward(self.ffn_norm(x), position is not None)
         ff, aux = ff if isinstance(ff, tuple) else (ff, None)
         return x + ff, aux
 
@@ -293,11 +341,11 @@ class MiniMindLM(nn.Module):
         if past_len + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past_len + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         h = self.dropout(h)
-        rotation = rope_rotation(self.rope_cos[past_len:past_len + T], self.rope_sin[past_len:past_len + T])
+        rope = self.rope_cos[past_len:past_len + T], self.rope_sin[past_len:past_len + T]
         mask = build_attention_mask(attention_mask, T, past_len, h.device)
         aux_loss = h.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
-            h, layer_aux = layer(h, rotation, mask, cache, i)
+            h, layer_aux = layer(h, rope, mask, cache, i)
             if layer_aux is not None:
                 aux_loss = aux_loss + layer_aux
         if cache is not None:
@@ -346,41 +394,144 @@ class MiniMindLM(nn.Module):
         out = list(steps)
         return torch.cat(out, dim=1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
 
+    def decode_step(self, tokens: torch.Tensor, position: torch.Tensor, cache: KVCache,
+                    pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Next-token logits [B, vocab] after one new token per row, `tokens` [B, 1], which go at
+        `position` (a 1-element long tensor, inside the capacity) of `cache`, filled up to there
+        by the prompt's forward. `pad_mask` [B, >= capacity] is False at left padding.
+
+        The shapes only change when the cache grows (the position is a tensor, and attention
+        spans the cache's whole capacity under a mask): torch.compile compiles it once, and a
+        CUDA graph can replay it (see `compile_decoding`). The projections use the stacked
+        weights that `refresh_stacked` updates (`generate` calls it before its first step)."""
+        h = self.tok_embeddings(tokens)
+        capacity = cache.capacity
+        keep = torch.arange(capacity, device=h.device) <= position      # causal: the past and itself
+        if pad_mask is not None:
+            keep = keep & pad_mask[:, :capacity]
+        # Additive, made once here rather than from a boolean mask in every layer's attention.
+        mask = torch.where(keep, 0.0, float("-inf")).to(h.dtype).view(-1, 1, 1, capacity)
+        rope = self.rope_cos[position], self.rope_sin[position]
+        for i, layer in enumerate(self.layers):
+            h, _ = layer(h, rope, mask, cache, i, position)
+        return self.output(self.norm(h))[:, -1]
+
+    def refresh_stacked(self):
+        """Bring the stacked weights of `decode_step` up to date (see `Stacked`)."""
+        for layer in self.layers:
+            for module in (layer.attention, layer.feed_forward):
+                if isinstance(module, Stacked):
+                    module.refresh_stacked()
+
+    def compile_decoding(self, compile: bool = True, cuda_graph: bool = True) -> "MiniMindLM":
+        """Opt in to faster decoding steps for every later `generate` (what --compile turns on).
+
+        compile: `decode_step` goes through torch.compile, with dynamic shapes: compiled on its
+        first use, once for batch size 1 and once for larger batches, whatever the lengths.
+        Should compiling fail (no C++ compiler, ...), a warning, and decoding goes on eagerly.
+        cuda_graph: on CUDA, the step (compiled or not) is captured as a CUDA graph after the
+        first new token, and again whenever the cache grows, and replayed: one launch per token
+        instead of hundreds. `compile_decoding(False, False)` undoes both."""
+        # In __dict__, not as a module attribute: the compiled function is no weight or submodule.
+        self.__dict__["_compiled_step"] = torch.compile(self.decode_step, dynamic=True) if compile else None
+        self.__dict__["_cuda_graph"] = cuda_graph
+        return self
+
+    def _step_function(self, tokens, position, cache, pad_mask):
+        """The decoding step `generate` calls, as `compile_decoding` chose: f(tokens, position)."""
+        self.refresh_stacked()
+        compiled = self.__dict__.get("_compiled_step")
+
+        def compiled_or_eager(*args):
+            try:
+                return compiled(*args)
+            except Exception as e:   # compiling failed: the step itself is the same in eager
+                warnings.warn(f"torch.compile of the decoding step failed, decoding eagerly: {e}")
+                self.__dict__["_compiled_step"] = None
+                return self.decode_step(*args)
+
+        step = self.decode_step if compiled is None else compiled_or_eager
+        if self.__dict__.get("_cuda_graph") and tokens.is_cuda:
+            return CUDAGraphStep(step, tokens, position, cache, pad_mask)
+        return lambda tokens, position: step(tokens, position, cache, pad_mask)
+
+    @torch.inference_mode()   # also around every resumption of the generator (stream=True)
     def _generate_steps(self, input_ids, attention_mask, embeds, image_positions, max_new_tokens, temperature,
                         top_k, top_p, repetition_penalty, eos_token_id, use_cache) -> Iterator[torch.Tensor]:
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        B = input_ids.shape[0]
+        max_len = self.config.max_seq_len
+        B, T = input_ids.shape
         # Without left padding no mask is needed at all: skip building and growing one per step.
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
         seen = None
         if repetition_penalty != 1.0:
             seen = prompt_tokens(input_ids, self.config.vocab_size, attention_mask, image_positions)
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        cache = None
+        cache = pad_mask = step = None
         if use_cache:
-            cache = KVCache(len(self.layers), min(input_ids.shape[1] + max_new_tokens, self.config.max_seq_len))
-        step_embeds = embeds
-        for _ in range(max_new_tokens):
-            with torch.inference_mode():
-                out = self(inputs_embeds=step_embeds, attention_mask=mask, past_key_values=cache,
-                           use_cache=use_cache, logits_to_keep=1)
-                logits = out.logits[:, -1].float()
-                if seen is not None:
-                    logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-                next_tok = sample_next(logits, temperature, top_k, top_p)
-                next_tok = torch.where(finished, torch.full_like(next_tok, eos), next_tok)
-                finished |= next_tok == eos
+            # Room for the prompt and the first tokens; it doubles when full (see below). Attention
+            # spans the whole capacity, so sizing it for max_new_tokens up front would make every
+            # step of a short answer pay for the longest one.
+            cache = KVCache(len(self.layers), min(max(64, 1 << T.bit_length()), max_len))
+            if mask is not None:
+                pad_mask = F.pad(mask.bool(), (0, max_len - T), value=True)
+        position = torch.tensor([T], device=input_ids.device)   # where the next token goes
+        logits = self(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
+                      logits_to_keep=1).logits[:, -1]
+        for n in range(max_new_tokens):
+            logits = logits.float()
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            next_tok = sample_next(logits, temperature, top_k, top_p)
+            next_tok = torch.where(finished, torch.full_like(next_tok, eos), next_tok)
+            finished |= next_tok == eos
             yield next_tok[:, None]
-            if bool(finished.all()):
+            if n + 1 == max_new_tokens or bool(finished.all()):
                 return
-            with torch.inference_mode():
-                if seen is not None:
-                    seen[torch.arange(B, device=seen.device), next_tok] = True
+            if T + n + 1 > max_len:
+                raise ValueError(f"sequence of {T + n + 1} tokens exceeds max_seq_len={max_len}")
+            if seen is not None:
+                seen[torch.arange(B, device=seen.device), next_tok] = True
+            if use_cache:
+                if T + n == cache.capacity:   # full: a new shape, so a CUDA graph is captured again
+                    cache.grow(min(2 * cache.capacity, max_len))
+                    step = None
+                if step is None:
+                    step = self._step_function(next_tok[:, None], position, cache, pad_mask)
+                logits = step(next_tok[:, None], position)
+                position += 1
+            else:   # the whole sequence again
                 if mask is not None:
                     mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-                new_embeds = self.tok_embeddings(next_tok[:, None])
-                # With the cache only the new token goes in; without it, the whole sequence again.
-                step_embeds = new_embeds if use_cache else torch.cat([step_embeds, new_embeds], dim=1)
+                embeds = torch.cat([embeds, self.tok_embeddings(next_tok[:, None])], dim=1)
+                logits = self(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+
+
+class CUDAGraphStep:
+    """A decoding step captured once as a CUDA graph, then replayed for every token. The graph
+    holds the addresses of its tensors: the cache's buffers and masks stay put for the whole
+    generation, and each call copies the new token and position into the graph's own inputs.
+    The logits it returns are overwritten by the next call."""
+
+    def __init__(self, step, tokens, position, cache, pad_mask):
+        self.tokens, self.position = tokens.clone(), position.clone()
+        # Run it once outside the graph first (on a side stream, as capture requires): lazy
+        # initialisation, cuBLAS workspaces, compilation. That run writes into the cache exactly
+        # what the first replay writes again.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(self.tokens, self.position, cache, pad_mask)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(self.tokens, self.position, cache, pad_mask)
+
+    def __call__(self, tokens, position):
+        self.tokens.copy_(tokens)
+        self.position.copy_(position)
+        self.graph.replay()
+        return self.logits
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float):

@@ -3,8 +3,11 @@ import hashlib
 import json
 import os
 import random
+import shutil
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import demo_shapes as ds
@@ -395,3 +398,194 @@ def test_command_line_writes_data_and_clip(tmp_path, capsys):
     multi = load(str(out), "sft_multi")
     assert len(multi) == 3 and sum("," in r["image"] for r in multi) == 2    # 2 pairs + 1 single
     assert json.load(open(clip / "config.json"))["vision_config"]["hidden_size"] == 64
+
+
+# ----------------------------------------------------------------------------- clips
+
+CLIP_SIZES = dict(n_train=40, n_heldout=20)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("clips"))
+    ds.generate_clip_data(out, seed=0, **CLIP_SIZES)
+    return out
+
+
+def load_clips(out_dir, name):
+    with open(os.path.join(out_dir, ds.CLIP_FILES[name][0]), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def clip_path(out_dir, name, record):
+    return os.path.join(out_dir, ds.CLIP_FILES[name][1], record["video"])
+
+
+def centroids(frames):
+    """(x, y) centre of each frame's shape: the pixels far from the frame's background (its corner)."""
+    import numpy as np
+
+    out = []
+    for frame in frames:
+        a = np.asarray(frame, dtype=np.int16)
+        ys, xs = np.nonzero(np.abs(a - a[2, 2]).sum(axis=2) > 60)
+        out.append((xs.mean(), ys.mean()))
+    return out
+
+
+def decoded_digest(out_dir):
+    """One hash of every file's relative path and contents, a clip's contents being its decoded
+    frames: libx264 on several threads does not always write the same bytes for the same frames
+    (seen under load), while the frames it encodes decode identically."""
+    from model.video import read_keyframes
+
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(out_dir)):
+        for fn in sorted(files):
+            path = os.path.join(root, fn)
+            h.update(os.path.relpath(path, out_dir).encode())
+            if fn.endswith(".mp4"):
+                h.update(b"".join(f.tobytes() for f in read_keyframes(path, ds.clips.FRAMES)))
+            else:
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+def test_clips_same_seed_same_frames_other_seed_differs(clips, tmp_path):
+    again, other = str(tmp_path / "again"), str(tmp_path / "other")
+    ds.generate_clip_data(again, seed=0, **CLIP_SIZES)
+    ds.generate_clip_data(other, seed=1, **CLIP_SIZES)
+    assert decoded_digest(again) == decoded_digest(clips)
+    assert load_clips(other, "video") != load_clips(clips, "video")
+    assert load_clips(other, "video_heldout") != load_clips(clips, "video_heldout")
+
+
+def test_clips_are_reused_and_leave_the_pictures_alone(tmp_path):
+    out = str(tmp_path / "d")
+    ds.generate_demo_data(out, n_pretrain=6, n_sft=6, n_multi=3, n_heldout=6)
+    pictures = tree_digest(out)
+    ds.generate_clip_data(out, n_train=3, n_heldout=2)
+    data = os.path.join(out, ds.CLIP_FILES["video"][0])
+    os.utime(data, (1, 1))
+    ds.generate_clip_data(out, n_train=3, n_heldout=2)
+    assert os.path.getmtime(data) == 1, "complete output with the same settings must be reused"
+    ds.generate_clip_data(out, n_train=2, n_heldout=2)
+    assert len(os.listdir(os.path.join(out, ds.CLIP_FILES["video"][1]))) == 2, "stale clips left behind"
+    for data, folder in ds.CLIP_FILES.values():
+        os.remove(os.path.join(out, data))
+        shutil.rmtree(os.path.join(out, folder))
+    os.remove(os.path.join(out, "video_manifest.json"))
+    assert tree_digest(out) == pictures
+
+
+@pytest.mark.parametrize("motion", list(ds.MOTIONS))
+def test_each_clip_moves_its_shape_the_stated_way(motion, tmp_path):
+    """Decoded keyframes: the shape's centre goes most of the way across the picture in the
+    stated direction and stays put across it (a still shape does not move at all)."""
+    from demo_shapes.clips import save_clip
+    from model.video import read_keyframes
+
+    dx, dy = ds.MOTIONS[motion]
+    rng = random.Random(motion)
+    for i in range(4):
+        clip = ds.sample_clip(rng, motion=motion)
+        save_clip(str(tmp_path), f"{i}.mp4", ds.render_clip(clip))
+        xs, ys = zip(*centroids(read_keyframes(str(tmp_path / f"{i}.mp4"), 4)))
+        for along, d in ((xs, dx), (ys, dy)):
+            steps = [b - a for a, b in zip(along, along[1:])]
+            if d == 0:
+                assert max(along) - min(along) < 2, (motion, along)
+            else:
+                assert all(d * s > 10 for s in steps), (motion, along)
+                assert d * (along[-1] - along[0]) > 60, (motion, along)
+
+
+def test_clip_records_match_their_clips(clips):
+    """Each held-out clip's stated motion and shape are what its keyframes show."""
+    from model.video import read_keyframes
+
+    heldout = load_clips(clips, "video_heldout")
+    assert {r["qtype"] for r in heldout} == set(ds.CLIP_QTYPES)
+    assert {r["attrs"]["motion"] for r in heldout} == set(ds.MOTIONS)
+    for r in heldout:
+        xs, ys = zip(*centroids(read_keyframes(clip_path(clips, "video_heldout", r), 4)))
+        moved = (round((xs[-1] - xs[0]) / 60), round((ys[-1] - ys[0]) / 60))
+        dx, dy = ds.MOTIONS[r["attrs"]["motion"]]
+        assert (max(-1, min(1, moved[0])), max(-1, min(1, moved[1]))) == (dx, dy), (r, xs, ys)
+        if r["qtype"] == "direction":
+            assert ds.motions_in(r["answer"]) == [r["attrs"]["motion"]]
+        else:
+            assert ds.shapes_in(r["answer"]) == [r["attrs"]["shape"]]
+
+
+def test_heldout_clips_never_appear_in_training(clips, monkeypatch):
+    from demo_shapes import clips as clip_module
+    from demo_shapes.clips import frames_digest
+    from model.video import read_keyframes
+
+    def digests(name):
+        folder = os.path.join(clips, ds.CLIP_FILES[name][1])
+        return {hashlib.md5(b"".join(f.tobytes() for f in read_keyframes(os.path.join(folder, fn), 8))).hexdigest()
+                for fn in os.listdir(folder)}
+
+    train = digests("video")
+    assert len(train) == CLIP_SIZES["n_train"] and not digests("video_heldout") & train
+    # A held-out clip identical to a training one is drawn again, deterministically: forbid the
+    # clips the held-out stream draws first, and each is replaced by another of the same motion.
+    saved = []
+    monkeypatch.setattr(clip_module, "save_clip", lambda folder, name, frames: saved.append(frames_digest(frames)))
+    drawn = clip_module._gen_heldout("unused", 0, 5, forbidden=set())
+    first, saved[:] = list(saved), []
+    redrawn = clip_module._gen_heldout("unused", 0, 5, forbidden=set(first))
+    assert [r["attrs"]["motion"] for r in redrawn] == [r["attrs"]["motion"] for r in drawn]
+    assert len(set(saved)) == 5 and not set(saved) & set(first)
+
+
+def pixels(images):
+    """The pictures as they are, [N, 3, H, W] (the dataset's preprocess contract)."""
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+
+
+def test_clip_records_load_as_keyframes(clips):
+    """The training records go through the trainers' dataset: one clip, 4 keyframes, introduced
+    as frames of one clip."""
+    from dataset.vlm_dataset import VLMDataset
+    from model.config import IMAGE_PLACEHOLDER_IDS
+    from model.prompt import count_placeholders, load_tokenizer
+
+    tokenizer = load_tokenizer()
+    data = os.path.join(clips, ds.CLIP_FILES["video"][0])
+    dataset = VLMDataset(data, os.path.join(clips, ds.CLIP_FILES["video"][1]), tokenizer, IMAGE_PLACEHOLDER_IDS,
+                         max_images=4, frames=4, preprocess=pixels)
+    assert len(dataset) == CLIP_SIZES["n_train"] and not dataset.problems
+    for i in range(5):
+        sample = dataset[i]
+        assert sample["n_images"] == 4
+        assert count_placeholders(sample["input_ids"].tolist(), IMAGE_PLACEHOLDER_IDS) == 4
+        assert "以下是一段视频按时间顺序的4帧" in tokenizer.decode(sample["input_ids"].tolist())
+        assert sample["pixel_values"].shape == (4, 3, 224, 224)
+
+
+def test_score_clip_answers(clips):
+    for r in load_clips(clips, "video_heldout"):
+        assert ds.score_answer(r, r["answer"]), r
+        if r["qtype"] == "direction":
+            for wrong in ds.MOTIONS:
+                if wrong != r["attrs"]["motion"]:
+                    reference = "没有移动。" if wrong == "没有移动" else f"{wrong}移动。"
+                    assert not ds.score_answer(r, reference), (r, wrong)
+
+
+@pytest.mark.parametrize("motion, good, bad", [
+    ("从左往右", ["从左往右移动。", "从左向右", "向右移动了", "它从左到右移动"],
+     ["从右往左移动。", "没有移动。", "从左往右，又从右往左", "向上", "", "圆形。"]),
+    ("从下往上", ["从下往上移动。", "往上走"], ["从上往下移动。", "向下"]),
+    ("没有移动", ["没有移动。", "静止不动", "它没动"], ["从左往右移动。", "向左"]),
+])
+def test_score_direction_cases(motion, good, bad):
+    record = {"qtype": "direction", "attrs": {"motion": motion, "shape": "圆形", "colour": "红色"}}
+    for text in good:
+        assert ds.score_answer(record, text), text
+    for text in bad:
+        assert not ds.score_answer(record, text), text

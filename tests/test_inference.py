@@ -185,6 +185,17 @@ def test_cli_multi_asks_one_question_about_both_birds(out_dir, tiny_clip_dir):
     assert [os.path.basename(p) for p in lines[0]["image"]] == ["0.jpg", "1.jpg"]
 
 
+@pytest.mark.slow
+def test_cli_compile_answers_as_eager(out_dir, tiny_clip_dir):
+    """--compile changes the speed, not the greedy answers (and compiling does not fall back)."""
+    picture = os.path.join(EVAL, eval_picture())
+    eager = run_cli(*cli_args(out_dir, tiny_clip_dir, "--image", picture))
+    compiled = run_cli(*cli_args(out_dir, tiny_clip_dir, "--image", picture, "--compile"), timeout=300)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert "decoding eagerly" not in compiled.stderr
+    assert compiled.stdout == eager.stdout and json.loads(eager.stdout)["answer"]
+
+
 def test_cli_interactive_reads_questions_until_an_empty_line(out_dir, tiny_clip_dir):
     result = run_cli(*cli_args(out_dir, tiny_clip_dir, "--interactive"),
                      stdin="第一个问题\n第二个问题\n\n第三个问题\n")

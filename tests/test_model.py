@@ -267,6 +267,19 @@ def test_kv_cache_matches_full_recompute(tiny_vlm, tokenizer):
     assert torch.equal(cached, full)
 
 
+def test_decoding_steps_grow_the_cache_without_changing_tokens(tiny_vlm, tokenizer):
+    """`generate` starts with a small cache and doubles it when full (a new shape for the
+    decoding step): left-padded rows across two doublings decode as a full recompute does."""
+    prompts = _prompts(tokenizer, tiny_vlm)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = dict(attention_mask=mask, max_new_tokens=80, eos_token_id=-1, pixel_values=torch.randn(3, 3, 224, 224))
+    assert width + 80 > 2 * 64                       # past the first capacity, twice
+    cached = tiny_vlm.generate(ids, use_cache=True, **kw)
+    assert torch.equal(cached, tiny_vlm.generate(ids, use_cache=False, **kw))
+
+
 def test_kv_cache_grows_past_its_capacity(tiny_vlm, tokenizer):
     """A cache sized too small (here 4 positions) must grow without changing any logit."""
     from model.language import KVCache

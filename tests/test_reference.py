@@ -9,7 +9,9 @@ they do not depend on how transformers initialises a CLIP. Regenerate (only on p
 """
 import json
 import os
+import warnings
 
+import pytest
 import torch
 
 from conftest import ROOT, reference_inputs, reference_vlm
@@ -17,8 +19,10 @@ from conftest import ROOT, reference_inputs, reference_vlm
 REFERENCE = os.path.join(ROOT, "tests", "data", "greedy_reference.json")
 
 
-def compute(tmp_dir):
+def compute(tmp_dir, compiled=False):
     model = reference_vlm(tmp_dir)
+    if compiled:
+        model.compile_decoding(cuda_graph=False)
     cases = reference_inputs()
     out = {}
     with torch.no_grad():
@@ -43,6 +47,20 @@ def test_greedy_answers_and_loss_match_the_stored_reference(tmp_path):
         if name != "loss":
             assert got[name] == expected[name], name
     assert abs(got["loss"] - expected["loss"]) <= 1e-4 * abs(expected["loss"])
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_reference_tokens(tmp_path):
+    """torch.compile of the decoding step (3-eval_chat.py --compile) on this CPU: the same
+    greedy tokens as eager, batched and not; it must compile, not quietly fall back to eager."""
+    with open(REFERENCE, encoding="utf-8") as f:
+        expected = json.load(f)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of the decoding step failed")
+        got = compute(tmp_path, compiled=True)
+    for name in expected:
+        if name != "loss":
+            assert got[name] == expected[name], name
 
 
 if __name__ == "__main__":
