@@ -47,13 +47,15 @@ PLANS = {
     # The two-picture stage takes batches of 16: the extra updates help "which picture has X?"
     # more than another epoch would. What was measured: docs/demo_notes.md.
     "full": dict(n_pretrain=6000, n_sft=5000, n_multi=3000, n_rehearsal=500, n_heldout=480,
-                 pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=1, lr=2e-3, batch_size=32),
+                 pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=2, lr=2e-3, batch_size=32),
                  multi=dict(epochs=5, lr=2e-3, batch_size=16),
-                 n_video=2000, n_video_heldout=200, video=dict(epochs=2, lr=1e-3, batch_size=16)),
+                 n_video=2000, n_video_heldout=200, n_video_rehearsal=500,
+                 video=dict(epochs=4, lr=1e-3, batch_size=16)),
     "quick": dict(n_pretrain=2000, n_sft=2000, n_multi=400, n_rehearsal=400, n_heldout=120,
                   pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=1, lr=2e-3, batch_size=32),
                   multi=dict(epochs=1, lr=1e-3, batch_size=32),
-                  n_video=200, n_video_heldout=40, video=dict(epochs=1, lr=1e-3, batch_size=16)),
+                  n_video=200, n_video_heldout=40, n_video_rehearsal=50,
+                  video=dict(epochs=1, lr=1e-3, batch_size=16)),
 }
 
 
@@ -217,7 +219,8 @@ def video_stage(args, plan, picture_records, timings):
     clips (and to the picture questions: what it kept). Adds its wall times to `timings`."""
     d, out = args.data_dir, args.out_dir
     t0 = time.time()
-    generate_clip_data(d, seed=args.seed, n_train=plan["n_video"], n_heldout=plan["n_video_heldout"])
+    generate_clip_data(d, seed=args.seed, n_train=plan["n_video"], n_heldout=plan["n_video_heldout"],
+                       n_rehearsal=plan["n_video_rehearsal"])
     timings["video data"] = time.time() - t0
     data, folder = CLIP_FILES["video"]
     weights = os.path.join(out, f"{TAG}_vlm_sft_video.pth")

@@ -136,7 +136,8 @@ def main():
 
     for message in history:
         st.chat_message(message["role"]).markdown(message["content"])
-    question = st.chat_input(f"Ask about the picture, e.g. {DEFAULT_QUESTION}")
+    question = st.chat_input("Ask about the clip, e.g. 形状往哪个方向移动？" if video is not None
+                             else f"Ask about the picture, e.g. {DEFAULT_QUESTION}")
     if question:
         st.chat_message("user").markdown(question)
         with st.chat_message("assistant"):

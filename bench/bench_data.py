@@ -29,14 +29,15 @@ earlier work do not pollute it:
   group alone) unless the data has 1M rows: the measured figure is the one to trust
   (`--rows 1000000 --skip_folder`, ~2 min);
 * throughput: samples/s of the full __getitem__ (parse, tokenize, decode the JPEG, CLIP
-  preprocessing to 224x224) through a torch DataLoader (batch 16, the project's collate, a
-  seeded random-order sampler), with 0 and 2 workers, after a warm-up. For Parquet with 0
-  workers it also counts the row-group decodes (LRU misses) and the time they took.
+  preprocessing to 224x224) through a torch DataLoader (batch 16, the project's collate, the
+  trainers' sampler: seeded, Parquet in row-group windows), with 0 and 2 workers, after a
+  warm-up. For Parquet with 0 workers it also counts the row-group decodes (LRU misses) and the time they took.
 Prints one JSON object on stdout; progress goes to stderr. The machine may be shared: the
 1-minute load average is reported before and after.
 """
 import argparse
 import gc
+import itertools
 import io
 import json
 import os
@@ -363,18 +364,20 @@ def count_row_group_loads(source) -> dict:
 
 def measure_throughput(args, ds) -> dict:
     import torch
-    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import DataLoader
 
     from dataset.vlm_dataset import make_collate
+    from trainer.trainer import StepSampler
 
     # One intra-op thread, as in DataLoader workers (torch sets 1 there): the tensors of one
     # item are small, and on a busy 2-core machine more threads mostly wait on each other
     # (measured: 2 threads ran workers=0 four times slower than 1).
     torch.set_num_threads(args.threads)
     warmup = min(args.warmup, args.samples)
-    sampler = RandomSampler(ds, num_samples=warmup + args.samples,
-                            generator=torch.Generator().manual_seed(args.seed))
-    loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+    # The trainers' order: seeded, and for Parquet shuffled a window of row groups at a time.
+    order = StepSampler(len(ds), args.batch_size, seed=args.seed, read_groups=ds.read_groups())
+    n_batches = -(-(warmup + args.samples) // args.batch_size)
+    loader = DataLoader(ds, batch_sampler=list(itertools.islice(order, n_batches)), num_workers=args.workers,
                         collate_fn=make_collate(0))
     loads = count_row_group_loads(ds.source) if args.workers == 0 else {}
     seen = skipped = timed = 0
@@ -509,7 +512,7 @@ def main(argv=None):
             report["throughput_settings"] = {
                 "batch_size": args.batch_size, "timed_samples": args.samples,
                 "warmup_samples": args.warmup, "rounds": args.repeats,
-                "sampler": f"RandomSampler(seed={args.seed})",
+                "sampler": f"the trainers' StepSampler (seed={args.seed}; Parquet: row-group windows)",
                 "collate": "dataset.vlm_dataset.make_collate(0)",
                 "item": "parse + tokenize + JPEG decode + CLIP preprocessing to 224x224"}
         report["targets"] = targets(report)

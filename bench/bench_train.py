@@ -4,6 +4,7 @@ the step of the ORIGINAL MiniMind-V v1 training loop.
     python bench/bench_train.py                              # ~2-4 minutes on a 2-core CPU
     python bench/bench_train.py --steps 1 --samples 16       # smoke run (CI)
     python bench/bench_train.py --device cuda                # bf16 autocast, fused AdamW, MFU
+    python bench/bench_train.py --compile                    # our rows with compiled blocks (--compile)
 
 One JSON object on stdout, progress on stderr. Four rows, on the same random weights, timed over
 the same batches of the same synthetic samples:
@@ -585,6 +586,8 @@ def main():
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda; never chosen automatically")
+    p.add_argument("--compile", action="store_true",
+                   help="our rows with torch.compile'd blocks (the trainers' --compile); v1 stays eager")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="CUDA: dense bf16 peak for the MFU (989: H100 SXM)")
     args = p.parse_args()
@@ -602,6 +605,8 @@ def main():
     encoder = random_clip_b32()
     torch.manual_seed(0)
     model = MiniMindVLM(cfg, encoder).to(device).train()
+    if args.compile:   # the v1 row computes with the parameters, never through the blocks
+        model.compile_blocks()
     samples = build_samples(args.samples, cfg.image_ids)
     n_batches = args.samples // args.batch_size
     batches = [samples[k * args.batch_size:(k + 1) * args.batch_size] for k in range(n_batches)]
@@ -666,7 +671,7 @@ def main():
                  f"+ CLIP ViT-B/32, random weights",
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "dtype": "bfloat16 autocast (v1: float16 autocast + GradScaler)" if cuda else "float32",
-        "threads": args.threads, "batch_size": args.batch_size, "samples": args.samples,
+        "threads": args.threads, "batch_size": args.batch_size, "samples": args.samples, "compiled": args.compile,
         "steps": args.steps, "warmup_steps": 1, "timing": "rows take turns step by step (see time_interleaved)",
         "mean_tokens_per_sample": round(sum(len(s.ids) for s in timed) / len(timed), 1),
         "mean_targets_per_sample": round(sum(sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in timed)

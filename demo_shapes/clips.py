@@ -22,11 +22,13 @@ import shutil
 import numpy as np
 
 from .pictures import IMAGE_SIZE, VERSION, render_scene, sample_scene
-from .records import DEMO_DATA_DIR, conv
+from .records import DEMO_DATA_DIR, FILES, conv
 
 FRAMES = 8            # frames per clip, at FPS: one second; keyframes of 4 are frames 1, 3, 5, 7
 FPS = 8
 N_KEYFRAMES = 4       # what the demo trains and asks with (the trainers' default --frames)
+# The frames those are: model/video.py's rule for a constant-rate clip, floor((i + 0.5) F / N).
+KEYFRAMES = [(2 * i + 1) * FRAMES // (2 * N_KEYFRAMES) for i in range(N_KEYFRAMES)]
 # Motion -> (dx, dy) direction in picture coordinates (y grows downwards).
 MOTIONS = {
     "从左往右": (1, 0),
@@ -49,11 +51,30 @@ CLIP_FILES = {  # set name -> (jsonl, clip folder)
     "video_heldout": ("video_heldout.jsonl", "video_heldout_clips"),
 }
 CLIP_MANIFEST = "video_manifest.json"
+# Bumped whenever the records' text changes, so that older generated clip sets are rebuilt.
+CLIP_FORMAT = 3
+
+
+# Where the shape is in a frame: the picture cut into thirds each way.
+THIRDS = {"x": ("左", "", "右"), "y": ("上", "", "下")}
+
+
+def where(x, y):
+    """The shape's place in a frame, in words: 左上, 上边, 中间, 右边 ... (a 3x3 grid)."""
+    col, row = (THIRDS[axis][min(2, int(3 * c // IMAGE_SIZE))] for axis, c in (("x", x), ("y", y)))
+    return col + row if col and row else (col or row) + "边" if col or row else "中间"
 
 
 def clip_answer(qtype, a):
+    """A direction answer first says where the shape is in the first and in the last keyframe,
+    then concludes: the tiny model compares what it has just written, as the two-picture
+    answers do (docs/demo_notes.md: describe, then conclude). A still shape is in the same
+    place twice; a moving one changes thirds along its motion."""
     if qtype == "direction":
-        return "没有移动。" if a["motion"] == "没有移动" else f"{a['motion']}移动。"
+        # The same words up to the conclusion, still or not: the model decides only after it
+        # has written both places (with "也在" for a still shape it had to decide before).
+        conclusion = "没有移动" if a["motion"] == "没有移动" else f"是{a['motion']}移动"
+        return f"第一帧里它在{a['first']}，最后一帧里在{a['last']}，所以{conclusion}。"
     return a["shape"] + "。"
 
 
@@ -83,7 +104,11 @@ def sample_clip(rng, motion=None, shape=None):
 
 
 def clip_attrs(clip):
-    return {"motion": clip["motion"], "shape": clip["shape"], "colour": clip["colour"]}
+    """What the answers say: the motion, the shape, and where the shape is in the first and the
+    last keyframe."""
+    first, last = clip["centres"][KEYFRAMES[0]], clip["centres"][KEYFRAMES[-1]]
+    return {"motion": clip["motion"], "shape": clip["shape"], "colour": clip["colour"],
+            "first": where(*first), "last": where(*last)}
 
 
 def render_clip(clip):
@@ -151,11 +176,32 @@ def _gen_heldout(folder, seed, n, forbidden):
     return records
 
 
-def generate_clip_data(out_dir=DEMO_DATA_DIR, seed=0, n_train=2000, n_heldout=160, force=False):
+def _rehearsal(out_dir, folder, seed, n):
+    """`n` records of the two-picture stage's set (one- and two-picture questions), their
+    pictures linked into the clip folder: mixed into the clip set so that the video stage does
+    not forget pictures, as the two-picture stage rehearses single pictures."""
+    if n == 0:
+        return []
+    data, images = FILES["sft_multi"]
+    with open(os.path.join(out_dir, data), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    chosen = _stream(seed, "rehearsal").sample(records, min(n, len(records)))
+    for record in chosen:
+        for name in record["image"].split(", "):
+            link = os.path.join(folder, name)
+            if not os.path.lexists(link):
+                os.symlink(os.path.realpath(os.path.join(out_dir, images, name)), link)
+    return chosen
+
+
+def generate_clip_data(out_dir=DEMO_DATA_DIR, seed=0, n_train=2000, n_heldout=160, n_rehearsal=0, force=False):
     """Write the clip training set and held-out clip questions into `out_dir` (their own files,
-    next to the picture sets); reuse complete output with the same settings. Returns the manifest."""
-    manifest = {"version": VERSION, "seed": seed, "n_train": n_train, "n_heldout": n_heldout,
-                "frames": FRAMES, "files": {k: {"data": d, "clips": c} for k, (d, c) in CLIP_FILES.items()}}
+    next to the picture sets); reuse complete output with the same settings. Returns the manifest.
+    `n_rehearsal` picture records of the two-picture set (generate_demo_data's, which must be
+    there) join the training set."""
+    manifest = {"version": VERSION, "clip_format": CLIP_FORMAT, "seed": seed, "n_train": n_train, "n_heldout": n_heldout,
+                "n_rehearsal": n_rehearsal, "frames": FRAMES,
+                "files": {k: {"data": d, "clips": c} for k, (d, c) in CLIP_FILES.items()}}
     manifest_path = os.path.join(out_dir, CLIP_MANIFEST)
     if not force and os.path.isfile(manifest_path):
         with open(manifest_path, encoding="utf-8") as f:
@@ -170,6 +216,8 @@ def generate_clip_data(out_dir=DEMO_DATA_DIR, seed=0, n_train=2000, n_heldout=16
             os.remove(os.path.join(out_dir, data))
     folders = {k: os.path.join(out_dir, c) for k, (_, c) in CLIP_FILES.items()}
     train, seen = _gen_train(folders["video"], seed, n_train)
+    train += _rehearsal(out_dir, folders["video"], seed, n_rehearsal)
+    _stream(seed, "video_order").shuffle(train)
     sets = {"video": train, "video_heldout": _gen_heldout(folders["video_heldout"], seed, n_heldout, seen)}
     for name, records in sets.items():
         with open(os.path.join(out_dir, CLIP_FILES[name][0]), "w", encoding="utf-8") as f:

@@ -423,6 +423,15 @@ class MiniMindLM(nn.Module):
                 if isinstance(module, Stacked):
                     module.refresh_stacked()
 
+    def compile_blocks(self) -> "MiniMindLM":
+        """torch.compile each block, in place, for training (what the trainers' --compile does).
+        Block by block: the blocks are identical, so one compiled graph serves all of them; the
+        splice and the label selection around them (data-dependent shapes) stay eager; and the
+        state_dict keeps its published keys. Batch lengths vary: dynamic shapes."""
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+        return self
+
     def compile_decoding(self, compile: bool = True, cuda_graph: bool = True) -> "MiniMindLM":
         """Opt in to faster decoding steps for every later `generate` (what --compile turns on).
 
@@ -469,13 +478,18 @@ class MiniMindLM(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         cache = pad_mask = step = None
         if use_cache:
-            # Room for the prompt and the first tokens; it doubles when full (see below). Attention
-            # spans the whole capacity, so sizing it for max_new_tokens up front would make every
-            # step of a short answer pay for the longest one.
+            # Room for the prompt and the first tokens; it doubles when full. A fixed-shape step
+            # attends over the whole capacity, so sizing it for max_new_tokens up front would make
+            # every step of a short answer pay for the longest one.
             cache = KVCache(len(self.layers), min(max(64, 1 << T.bit_length()), max_len))
             if mask is not None:
                 pad_mask = F.pad(mask.bool(), (0, max_len - T), value=True)
         position = torch.tensor([T], device=input_ids.device)   # where the next token goes
+        # Compiled steps and CUDA graphs need the same shapes at every step: `decode_step`, which
+        # attends over the cache's whole capacity under a mask. Eager, attending over just the
+        # filled positions without a mask is faster (docs/decode_speed.md).
+        fixed_shapes = self.__dict__.get("_compiled_step") is not None or bool(
+            self.__dict__.get("_cuda_graph") and input_ids.is_cuda)
         logits = self(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
                       logits_to_keep=1).logits[:, -1]
         for n in range(max_new_tokens):
@@ -492,7 +506,7 @@ class MiniMindLM(nn.Module):
                 raise ValueError(f"sequence of {T + n + 1} tokens exceeds max_seq_len={max_len}")
             if seen is not None:
                 seen[torch.arange(B, device=seen.device), next_tok] = True
-            if use_cache:
+            if use_cache and fixed_shapes:
                 if T + n == cache.capacity:   # full: a new shape, so a CUDA graph is captured again
                     cache.grow(min(2 * cache.capacity, max_len))
                     step = None
@@ -500,11 +514,13 @@ class MiniMindLM(nn.Module):
                     step = self._step_function(next_tok[:, None], position, cache, pad_mask)
                 logits = step(next_tok[:, None], position)
                 position += 1
-            else:   # the whole sequence again
+            else:   # eager: the new token over the filled cache, or without a cache the whole sequence
                 if mask is not None:
                     mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-                embeds = torch.cat([embeds, self.tok_embeddings(next_tok[:, None])], dim=1)
-                logits = self(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+                new = self.tok_embeddings(next_tok[:, None])
+                embeds = new if use_cache else torch.cat([embeds, new], dim=1)
+                logits = self(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
+                              logits_to_keep=1).logits[:, -1]
 
 
 class CUDAGraphStep:

@@ -461,6 +461,25 @@ def test_clips_same_seed_same_frames_other_seed_differs(clips, tmp_path):
     assert load_clips(other, "video_heldout") != load_clips(clips, "video_heldout")
 
 
+def test_clip_set_rehearses_two_picture_records(tmp_path):
+    """Rehearsal records are the two-picture set's own, and their pictures load from the clip
+    folder as the same pictures."""
+    from PIL import ImageChops
+
+    out = str(tmp_path / "d")
+    ds.generate_demo_data(out, n_pretrain=12, n_sft=6, n_multi=8, n_heldout=6, n_rehearsal=4)
+    ds.generate_clip_data(out, n_train=3, n_heldout=2, n_rehearsal=5)
+    multi = [json.loads(line) for line in open(os.path.join(out, ds.FILES["sft_multi"][0]), encoding="utf-8")]
+    train = load_clips(out, "video")
+    pictures = [r for r in train if "image" in r]
+    assert len(train) == 8 and len(pictures) == 5 and all(r in multi for r in pictures)
+    for r in pictures:
+        for name in r["image"].split(", "):
+            with Image.open(os.path.join(out, ds.CLIP_FILES["video"][1], name)) as a, \
+                    Image.open(os.path.join(out, ds.FILES["sft_multi"][1], name)) as b:
+                assert ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getbbox() is None
+
+
 def test_clips_are_reused_and_leave_the_pictures_alone(tmp_path):
     out = str(tmp_path / "d")
     ds.generate_demo_data(out, n_pretrain=6, n_sft=6, n_multi=3, n_heldout=6)
@@ -502,7 +521,8 @@ def test_each_clip_moves_its_shape_the_stated_way(motion, tmp_path):
 
 
 def test_clip_records_match_their_clips(clips):
-    """Each held-out clip's stated motion and shape are what its keyframes show."""
+    """Each held-out clip's stated motion, places and shape are what its keyframes show."""
+    from demo_shapes.clips import where
     from model.video import read_keyframes
 
     heldout = load_clips(clips, "video_heldout")
@@ -513,6 +533,11 @@ def test_clip_records_match_their_clips(clips):
         moved = (round((xs[-1] - xs[0]) / 60), round((ys[-1] - ys[0]) / 60))
         dx, dy = ds.MOTIONS[r["attrs"]["motion"]]
         assert (max(-1, min(1, moved[0])), max(-1, min(1, moved[1]))) == (dx, dy), (r, xs, ys)
+        # The places the answers describe are where the decoded first and last keyframes show it
+        # (unless its centre of mass, which for a triangle is off the centre, is near a line between thirds).
+        for k, said in ((0, r["attrs"]["first"]), (-1, r["attrs"]["last"])):
+            if all(abs(c - line) > 16 for c in (xs[k], ys[k]) for line in (224 / 3, 448 / 3)):
+                assert where(xs[k], ys[k]) == said, (r, xs, ys)
         if r["qtype"] == "direction":
             assert ds.motions_in(r["answer"]) == [r["attrs"]["motion"]]
         else:

@@ -370,11 +370,7 @@ def build_model(args, run: Run, encoder):
         p.requires_grad = not args.freeze_llm or name.startswith("vision_proj.")
     model.to(run.device)
     if args.compile:
-        # Block by block, in place: the blocks are identical, so one compiled graph serves all of
-        # them; the splice and the label selection around them (data-dependent shapes) stay
-        # eager; and the state_dict keeps its published keys. Batch lengths vary: dynamic shapes.
-        for layer in model.layers:
-            layer.compile(dynamic=True)
+        model.compile_blocks()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.info("model %s: %.2fM parameters, %.2fM trainable%s", args.config.tag,
              sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
