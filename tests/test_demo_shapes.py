@@ -569,7 +569,7 @@ def test_heldout_clips_never_appear_in_training(clips, monkeypatch):
 
 def pixels(images):
     """The pictures as they are, [N, 3, H, W] (the dataset's preprocess contract)."""
-    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
 
 
 def test_clip_records_load_as_keyframes(clips):
