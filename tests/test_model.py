@@ -280,6 +280,38 @@ def test_decoding_steps_grow_the_cache_without_changing_tokens(tiny_vlm, tokeniz
     assert torch.equal(cached, tiny_vlm.generate(ids, use_cache=False, **kw))
 
 
+def test_fixed_shape_decoding_step_gives_the_forward_logits(tiny_vlm, tokenizer):
+    """`decode_step`, what compiled decoding and CUDA graphs run, gives the logits of a full
+    forward at every step: left-padded rows, a cache that doubles twice on the way."""
+    import torch.nn.functional as F
+    from model.language import KVCache
+
+    prompts = _prompts(tokenizer, tiny_vlm)
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    pixels = torch.randn(3, 3, 224, 224)
+    new = tiny_vlm.generate(ids, attention_mask=mask, max_new_tokens=80, eos_token_id=-1, pixel_values=pixels)
+    full_ids = torch.cat([ids, new], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+    with torch.inference_mode():
+        tiny_vlm.refresh_stacked()
+        cache = KVCache(len(tiny_vlm.layers), 64)
+        tiny_vlm(ids, attention_mask=mask, pixel_values=pixels, past_key_values=cache, use_cache=True)
+        pad_mask = F.pad(mask.bool(), (0, tiny_vlm.config.max_seq_len - T), value=True)
+        position = torch.tensor([T])
+        for n in range(new.shape[1] - 1):
+            if T + n == cache.capacity:
+                cache.grow(2 * cache.capacity)
+            step = tiny_vlm.decode_step(new[:, n:n + 1], position, cache, pad_mask)
+            position += 1
+            if n % 10 == 0 or T + n + 1 in (64, 128):
+                full = tiny_vlm(full_ids[:, :T + n + 1], attention_mask=full_mask[:, :T + n + 1],
+                                pixel_values=pixels).logits[:, -1]
+                assert torch.allclose(step, full, atol=1e-4), n
+    assert cache.capacity == 256
+
+
 def test_kv_cache_grows_past_its_capacity(tiny_vlm, tokenizer):
     """A cache sized too small (here 4 positions) must grow without changing any logit."""
     from model.language import KVCache
