@@ -1,7 +1,7 @@
 """Data-loading cost of MiniMind-V training: Parquet (pictures inside) against JSONL + an image
 folder, on synthetic data in the official layout.
 
-    python bench/bench_data.py [--rows 200000] [--samples 2000] [--repeats 3] [--work_dir DIR --keep]
+    python bench/bench_data.py [--rows 200000] [--epoch_rows 20000] [--repeats 3] [--work_dir DIR --keep]
     python bench/bench_data.py --rows 1000000 --skip_folder        # the index memory at 1M rows
     python bench/bench_data.py --rows 2000 --samples 64            # smoke (CI), < 40 s
 
@@ -30,8 +30,18 @@ earlier work do not pollute it:
   (`--rows 1000000 --skip_folder`, ~2 min);
 * throughput: samples/s of the full __getitem__ (parse, tokenize, decode the JPEG, CLIP
   preprocessing to 224x224) through a torch DataLoader (batch 16, the project's collate, the
-  trainers' sampler: seeded, Parquet in row-group windows), with 0 and 2 workers, after a
-  warm-up. For Parquet with 0 workers it also counts the row-group decodes (LRU misses) and the time they took.
+  trainers' sampler: seeded, Parquet in row-group windows), with 0 and 2 workers, over one
+  whole epoch of the first --epoch_rows rows (their own files, written like the full ones).
+  A whole epoch, because that is what a Parquet reader is built for: it decodes each row
+  group once per pass over a window, so the first samples of a window pay for many decodes
+  and later ones for none; a few thousand samples timed from a window's start charged each
+  sample ~20 times its share (0.05 decodes a sample instead of 0.002). With 0 workers both
+  sources run in one process and take turns a few batches at a time, so that the machine's
+  minute-to-minute load (+-10% here) hits both alike; with 2 workers each source runs in its
+  own process, sources alternating and rounds repeated (--repeats; the median is reported).
+  The warm-up (first calls of the tokenizer, template and torch ops) runs on other dataset
+  objects (the first row group's files), so it decodes nothing the timed epoch reads. For
+  Parquet with 0 workers it also counts the row-group decodes (LRU misses) and their time.
 Prints one JSON object on stdout; progress goes to stderr. The machine may be shared: the
 1-minute load average is reported before and after.
 """
@@ -58,7 +68,7 @@ if ROOT not in sys.path:
 # the heavy ones (torch, transformers, pyarrow), which they import themselves.
 import numpy as np  # noqa: E402
 
-PARQUET, JSONL = "parquet", "jsonl"
+PARQUET, JSONL, BOTH = "parquet", "jsonl", "both"
 QUESTIONS = ["请描述这张图片。", "图中有什么？", "这张图片的主要内容是什么？", "简要概括图片。",
              "图片里的人在做什么？", "请说说图中的场景。", "What is shown in this picture?",
              "Describe the image briefly."]
@@ -230,14 +240,17 @@ def build(args) -> dict:
     if not args.skip_folder:
         timed += [("jsonl", lambda: write_jsonl(paths(args)["jsonl"], plan, turns)),
                   ("folder", lambda: write_folder(paths(args)["images"], n_pictures, pool))]
-    # The first row group alone: indexing it shows the fixed part of the index memory (what
-    # any index costs, e.g. pyarrow's compute kernels), which must not be scaled with rows.
-    small = slice(0, min(args.row_group_size, args.rows))
-    write_parquet(paths(args, "small")["parquet"], plan[small], turns[small], pool,
-                  standin_jpeg(), args.row_group_size)
-    if not args.skip_folder:
-        write_jsonl(paths(args, "small")["jsonl"], plan[small], turns[small])
-    built["small_rows"] = small.stop
+    # Two subsets, written like the whole: the first row group alone ("small": indexing it
+    # shows the fixed part of the index memory, what any index costs, e.g. pyarrow's compute
+    # kernels, which must not be scaled with rows; and the throughput runs warm up on it), and
+    # the first --epoch_rows rows ("epoch": the throughput runs time one epoch of them).
+    for data, rows in (("small", args.row_group_size), ("epoch", args.epoch_rows)):
+        subset = slice(0, min(rows, args.rows))
+        write_parquet(paths(args, data)["parquet"], plan[subset], turns[subset], pool,
+                      standin_jpeg(), args.row_group_size)
+        if not args.skip_folder:
+            write_jsonl(paths(args, data)["jsonl"], plan[subset], turns[subset])
+        built[f"{data}_rows"] = subset.stop
     for name, step in timed:
         t = time.perf_counter()
         step()
@@ -249,8 +262,9 @@ def build(args) -> dict:
 
 
 def paths(args, data: str = None) -> dict:
-    """Where things are: `data` names the full data set ("data") or its first row group alone
-    ("small", for the fixed part of the index memory); default args.data."""
+    """Where things are: `data` names the full data set ("data"), its first row group alone
+    ("small": the fixed part of the index memory, and the throughput runs' warm-up) or its
+    first --epoch_rows rows ("epoch": the throughput runs); default args.data."""
     data = data or getattr(args, "data", None) or "data"
     return {"parquet": os.path.join(args.work_dir, f"{data}.parquet"),
             "jsonl": os.path.join(args.work_dir, f"{data}.jsonl"),
@@ -284,12 +298,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def open_dataset(args, preprocess, tokenizer):
+def open_dataset(args, preprocess, tokenizer, data: str = None, source: str = None):
     from dataset.vlm_dataset import VLMDataset
     from model.config import IMAGE_PLACEHOLDER_IDS
 
-    where = paths(args)
-    if args.source == PARQUET:
+    where = paths(args, data)
+    if (source or args.source) == PARQUET:
         return VLMDataset(where["parquet"], None, tokenizer, IMAGE_PLACEHOLDER_IDS,
                           max_seq_len=args.max_seq_len, preprocess=preprocess)
     return VLMDataset(where["jsonl"], where["images"], tokenizer, IMAGE_PLACEHOLDER_IDS,
@@ -362,49 +376,77 @@ def count_row_group_loads(source) -> dict:
     return stats
 
 
-def measure_throughput(args, ds) -> dict:
+BLOCK_BATCHES = 8   # with 0 workers the sources take turns this many batches at a time
+
+
+def measure_throughput(args) -> dict:
+    """samples/s over one epoch of the "epoch" files (or its first --samples), per source.
+
+    With 0 workers both sources run in this one process and take turns, BLOCK_BATCHES batches
+    at a time, each timed on its own: load from elsewhere on the machine (it varies by +-10%
+    from one minute to the next here) then hits both alike, and the ratio is what is left.
+    With workers, the one source of --source (worker processes cannot take turns).
+    First --warmup items of each source's first-row-group files in this process (tokenizer,
+    chat template, torch ops; forked workers inherit it): other dataset objects, so the
+    warm-up decodes nothing the timed epoch reads.
+    """
     import torch
     from torch.utils.data import DataLoader
 
     from dataset.vlm_dataset import make_collate
+    from model.prompt import load_tokenizer
     from trainer.trainer import StepSampler
 
     # One intra-op thread, as in DataLoader workers (torch sets 1 there): the tensors of one
     # item are small, and on a busy 2-core machine more threads mostly wait on each other
     # (measured: 2 threads ran workers=0 four times slower than 1).
     torch.set_num_threads(args.threads)
-    warmup = min(args.warmup, args.samples)
-    # The trainers' order: seeded, and for Parquet shuffled a window of row groups at a time.
-    order = StepSampler(len(ds), args.batch_size, seed=args.seed, read_groups=ds.read_groups())
-    n_batches = -(-(warmup + args.samples) // args.batch_size)
-    loader = DataLoader(ds, batch_sampler=list(itertools.islice(order, n_batches)), num_workers=args.workers,
-                        collate_fn=make_collate(0))
-    loads = count_row_group_loads(ds.source) if args.workers == 0 else {}
-    seen = skipped = timed = 0
-    start, loads_at_start = None, {}
-    for batch in loader:
-        n = len(batch["indices"]) + len(batch["skipped"])
-        skipped += len(batch["skipped"])
-        seen += n
-        if start is not None:
-            timed += n
-        elif seen >= warmup:   # the clock starts once the warm-up batches are in
-            start = time.perf_counter()
-            loads_at_start = dict(loads)
-    elapsed = time.perf_counter() - start if start is not None else 0.0
-    result = {"samples_per_s": round(timed / elapsed, 1) if elapsed else None,
-              "timed_samples": timed, "skipped": skipped, "torch_threads": torch.get_num_threads()}
-    if loads:  # over the timed part only
-        misses = loads["misses"] - loads_at_start["misses"]
-        lookups = loads["lookups"] - loads_at_start["lookups"]
+    tokenizer, preprocess = load_tokenizer(), tiny_clip_processor(paths(args)["clip"])
+    sources = [PARQUET, JSONL] if args.source == BOTH else [args.source]
+
+    def steps(dataset, samples=None):
+        # The trainers' order: seeded, and for Parquet shuffled a window of row groups at a time.
+        order = StepSampler(len(dataset), args.batch_size, seed=args.seed, read_groups=dataset.read_groups())
+        return list(order if samples is None else itertools.islice(order, -(-samples // args.batch_size)))
+
+    runs = {}
+    for source in sources:
+        warmup = open_dataset(args, preprocess, tokenizer, data="small", source=source)
+        for batch in steps(warmup, args.warmup):
+            for i in batch:
+                warmup[i]
+        ds = open_dataset(args, preprocess, tokenizer, data="epoch", source=source)
+        loader = DataLoader(ds, batch_sampler=steps(ds, args.samples), num_workers=args.workers,
+                            collate_fn=make_collate(0))
+        runs[source] = {"ds": ds, "loader": iter(loader), "seconds": 0.0, "samples": 0, "skipped": 0,
+                        "loads": count_row_group_loads(ds.source) if args.workers == 0 else {}}
+    block = BLOCK_BATCHES if args.workers == 0 else None   # None: the whole epoch at once
+    pending = list(runs.values())
+    while pending:
+        for run in list(pending):
+            start, pulled = time.perf_counter(), 0   # with workers: their start-up included, as in every epoch
+            for batch in itertools.islice(run["loader"], block):
+                pulled += 1
+                run["samples"] += len(batch["indices"]) + len(batch["skipped"])
+                run["skipped"] += len(batch["skipped"])
+            run["seconds"] += time.perf_counter() - start
+            if block is None or pulled < block:
+                pending.remove(run)
+    return {source: throughput_figures(run, torch.get_num_threads()) for source, run in runs.items()}
+
+
+def throughput_figures(run: dict, threads: int) -> dict:
+    seconds, timed, loads = run["seconds"], run["samples"], run["loads"]
+    result = {"samples_per_s": round(timed / seconds, 1) if seconds else None,
+              "timed_samples": timed, "skipped": run["skipped"], "torch_threads": threads}
+    if loads:  # the whole timed epoch: every row-group decode it needed
+        misses, lookups = loads["misses"], loads["lookups"]
         result["row_group_loads"] = {
             "lru_miss_rate": round(misses / lookups, 3) if lookups else None,
-            "misses_per_sample": round(misses / timed, 3) if timed else None,
-            "ms_per_miss": round(1000 * (loads["load_s"] - loads_at_start["load_s"]) / misses, 2)
-            if misses else None,
-            "share_of_time": round((loads["load_s"] - loads_at_start["load_s"]) / elapsed, 3)
-            if elapsed else None,
-            "lru_mb_at_end": round(ds.source.cached_bytes / 2**20, 1)}
+            "misses_per_sample": round(misses / timed, 4) if timed else None,
+            "ms_per_miss": round(1000 * loads["load_s"] / misses, 2) if misses else None,
+            "share_of_time": round(loads["load_s"] / seconds, 3) if seconds else None,
+            "lru_mb_at_end": round(run["ds"].source.cached_bytes / 2**20, 1)}
     return result
 
 
@@ -412,7 +454,7 @@ def measure_in_subprocess(args, what: str, source: str, workers: int = 0, data: 
     """Run one `--_measure` in a fresh interpreter and return its JSON."""
     command = [sys.executable, os.path.abspath(__file__), "--_measure", what, "--source", source,
                "--workers", str(workers), "--work_dir", args.work_dir,
-               "--samples", str(args.samples), "--warmup", str(args.warmup),
+               *(["--samples", str(args.samples)] if args.samples else []), "--warmup", str(args.warmup),
                "--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len),
                "--seed", str(args.seed), "--threads", str(args.threads), "--data", data]
     t = time.perf_counter()
@@ -435,8 +477,11 @@ def parse_args(argv=None):
     p.add_argument("--text_only", type=float, default=0.08, help="share of text-only rows")
     p.add_argument("--picture_size", type=int, default=64, help="side of the square JPEGs, px")
     p.add_argument("--pool", type=int, default=4096, help="distinct JPEG encodings to reuse")
-    p.add_argument("--samples", type=int, default=2000, help="timed samples per throughput run")
-    p.add_argument("--warmup", type=int, default=256, help="samples before the clock starts")
+    p.add_argument("--epoch_rows", type=int, default=20_000,
+                   help="rows whose whole epoch each throughput run times")
+    p.add_argument("--samples", type=int, default=None,
+                   help="time only this many samples of the epoch (smoke runs)")
+    p.add_argument("--warmup", type=int, default=256, help="items read before the clock starts")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--max_seq_len", type=int, default=512)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
@@ -451,8 +496,8 @@ def parse_args(argv=None):
                    help="no JSONL + image folder (the 1M-row run): Parquet only")
     p.add_argument("--skip_throughput", action="store_true", help="index figures only")
     p.add_argument("--_measure", choices=["index", "throughput"], help=argparse.SUPPRESS)
-    p.add_argument("--source", choices=[PARQUET, JSONL], help=argparse.SUPPRESS)
-    p.add_argument("--data", default="data", choices=["data", "small"], help=argparse.SUPPRESS)
+    p.add_argument("--source", choices=[PARQUET, JSONL, BOTH], help=argparse.SUPPRESS)
+    p.add_argument("--data", default="data", choices=["data", "small", "epoch"], help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -462,10 +507,7 @@ def main(argv=None):
         # The index figures come first, in every such process: it has to index anyway, and
         # one fresh interpreter fewer per figure keeps the smoke run short.
         args.workers = args.workers[0]
-        ds, result = measure_index(args)
-        if args._measure == "throughput":
-            result = {"index": result, **measure_throughput(args, ds)}
-        print(json.dumps(result))
+        print(json.dumps(measure_index(args)[1] if args._measure == "index" else measure_throughput(args)))
         return
 
     temporary = args.work_dir is None
@@ -476,9 +518,12 @@ def main(argv=None):
                           "load_average_1min_start": load_average()}}
     try:
         manifest = os.path.join(args.work_dir, "built.json")
+        built = {}
         if args.reuse and os.path.isfile(manifest):
             with open(manifest) as f:
-                report["data"] = json.load(f)
+                built = json.load(f)
+        if "epoch_rows" in built:   # data of this version of the bench (it has the epoch files)
+            report["data"] = built
             args.skip_folder = args.skip_folder or "folder" not in report["data"]["build_s"]
         else:
             report["data"] = build(args)
@@ -487,34 +532,36 @@ def main(argv=None):
         tiny_clip_processor(paths(args)["clip"])   # written once, before the subprocesses
         sources = [PARQUET] + ([] if args.skip_folder else [JSONL])
 
-        if args.skip_throughput:
-            report["index"] = {s: measure_in_subprocess(args, "index", s) for s in sources}
-        else:
+        report["index"] = {s: measure_in_subprocess(args, "index", s) for s in sources}
+        if not args.skip_throughput:
             # Sources alternate within each worker count, and rounds repeat the whole cycle, so
             # that a burst of load from other processes on the machine tends to hit every
-            # configuration alike; samples_per_s is the median of the rounds. The other figures
-            # (index, row-group loads) are those of the first round.
-            report["index"], report["throughput"] = {}, {}
+            # configuration alike; samples_per_s is the median of the rounds. The row-group
+            # loads are those of the first round.
+            report["throughput"] = {}
             for _ in range(args.repeats):
                 for w in args.workers:
-                    for s in sources:
-                        result = measure_in_subprocess(args, "throughput", s, w)
-                        report["index"].setdefault(s, result.pop("index"))
-                        first = report["throughput"].setdefault(f"{s}_workers{w}", result)
-                        first.setdefault("samples_per_s_rounds", []).append(result["samples_per_s"])
+                    # 0 workers: both sources in one process, taking turns (measure_throughput).
+                    runs = [BOTH] if w == 0 and len(sources) > 1 else sources
+                    for run in runs:
+                        for s, result in measure_in_subprocess(args, "throughput", run, w, data="epoch").items():
+                            first = report["throughput"].setdefault(f"{s}_workers{w}", result)
+                            first.setdefault("samples_per_s_rounds", []).append(result["samples_per_s"])
             for result in report["throughput"].values():
                 result["samples_per_s"] = statistics.median(result["samples_per_s_rounds"])
+            report["throughput_settings"] = {
+                "batch_size": args.batch_size, "epoch_rows": report["data"]["epoch_rows"],
+                "timed_samples": args.samples or "the whole epoch",
+                "warmup_items": f"{args.warmup}, of the first row group's files (another dataset object)",
+                "rounds": args.repeats,
+                "sampler": f"the trainers' StepSampler (seed={args.seed}; Parquet: row-group windows)",
+                "collate": "dataset.vlm_dataset.make_collate(0)",
+                "item": "parse + tokenize + JPEG decode + CLIP preprocessing to 224x224"}
         # With enough rows, the first row group alone too: fixed vs per-row index memory.
         if report["data"]["small_rows"] * 10 <= report["data"]["rows"]:
             report["index_first_row_group_only"] = {
                 s: measure_in_subprocess(args, "index", s, data="small") for s in sources}
             report["index_memory_fit"] = {s: memory_fit(report, s) for s in sources}
-            report["throughput_settings"] = {
-                "batch_size": args.batch_size, "timed_samples": args.samples,
-                "warmup_samples": args.warmup, "rounds": args.repeats,
-                "sampler": f"the trainers' StepSampler (seed={args.seed}; Parquet: row-group windows)",
-                "collate": "dataset.vlm_dataset.make_collate(0)",
-                "item": "parse + tokenize + JPEG decode + CLIP preprocessing to 224x224"}
         report["targets"] = targets(report)
     finally:
         report["machine"]["load_average_1min_end"] = load_average()

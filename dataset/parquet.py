@@ -31,6 +31,7 @@ Built for files of millions of rows:
 Random access decodes a whole row group, so files with huge row groups get a warning at index
 time: `scripts/convert_data.py` rewrites them with small ones.
 """
+import bisect
 import glob
 import hashlib
 import json
@@ -277,19 +278,20 @@ def _parse_turns(value, text_is_json: bool) -> list:
             raise BadRecord(f"malformed JSON: {e.msg} at column {e.colno}") from None
         if not isinstance(turns, list):
             raise BadRecord("wrong field type: 'conversations' must be a list")
-    else:
-        # HF gives every struct all the fields seen in the file, absent ones as null: drop
-        # those, so a {from, value} turn does not also claim a role.
-        turns = [t if t is None else {k: v for k, v in t.items() if v is not None}
-                 for t in value]
-    if not valid_unicode(turns):
-        raise BadRecord("text is not valid UTF-8")
-    return turns
+        # The stored text is valid UTF-8 (_value checked it): only a "\\udXXX" escape can
+        # put a lone surrogate into the parsed turns, so rows without escapes skip the walk.
+        if "\\u" in value and not valid_unicode(turns):
+            raise BadRecord("text is not valid UTF-8")
+        return turns
+    # HF gives every struct all the fields seen in the file, absent ones as null: drop
+    # those, so a {from, value} turn does not also claim a role. (Arrow's strings are valid
+    # UTF-8 here: _value turned any that were not into _NOT_UTF8.)
+    return [t if t is None else {k: v for k, v in t.items() if v is not None} for t in value]
 
 
-def _user_marks(turns: list, mark: str = IMAGE_MARK) -> int:
-    """How many `mark`s the user turns hold; BadRecord for a turn without text."""
-    marks = 0
+def _user_marks(turns: list) -> Tuple[int, int]:
+    """How many picture and clip marks the user turns hold; BadRecord for a turn without text."""
+    pictures = clips = 0
     for k, turn in enumerate(turns, 1):
         if not isinstance(turn, dict):
             raise BadRecord(f"bad turn: turn {k} is not an object")
@@ -298,8 +300,9 @@ def _user_marks(turns: list, mark: str = IMAGE_MARK) -> int:
         if not isinstance(text, str):
             raise BadRecord(f"bad turn: turn {k} has no string value/content")
         if role in USER_ROLES:
-            marks += text.count(mark)
-    return marks
+            pictures += text.count(IMAGE_MARK)
+            clips += text.count(VIDEO_MARK)
+    return pictures, clips
 
 
 def _pictures(value, marks: int) -> List[bytes]:
@@ -394,10 +397,15 @@ class ParquetRecords:
         self._pid = os.getpid()
         self._open = {}
         self._cache = _RowGroupCache(self.cache_bytes)
+        # _locate's search tables as Python lists: bisect on them costs a fraction of a
+        # numpy searchsorted call, and _locate runs for every row read.
+        self._file_start_list = self._file_starts.tolist()
+        self._group_start_lists = [f.row_group_starts.tolist() for f in self._files]
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ("_pid", "_open", "_cache"):  # handles and caches belong to one process
+        for key in ("_pid", "_open", "_cache", "_file_start_list", "_group_start_lists"):
+            # handles and caches belong to one process; the search lists are rebuilt
             del state[key]
         return state
 
@@ -472,13 +480,14 @@ class ParquetRecords:
 
     def _locate(self, i: int) -> Tuple[int, int, int]:
         """(file number, row group, row within the group) of row i."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"row {i} out of range (0..{len(self) - 1})")
-        file_no = int(np.searchsorted(self._file_starts, i, side="right")) - 1
-        starts = self._files[file_no].row_group_starts
-        local = i - int(self._file_starts[file_no])
-        row_group = int(np.searchsorted(starts, local, side="right")) - 1
-        return file_no, row_group, local - int(starts[row_group])
+        file_starts = self._file_start_list
+        if not 0 <= i < file_starts[-1]:
+            raise IndexError(f"row {i} out of range (0..{file_starts[-1] - 1})")
+        file_no = bisect.bisect_right(file_starts, i) - 1
+        starts = self._group_start_lists[file_no]
+        local = int(i) - file_starts[file_no]
+        row_group = bisect.bisect_right(starts, local) - 1
+        return file_no, row_group, local - starts[row_group]
 
     def ref(self, i: int) -> str:
         """Where row i is, for messages: "<path> row <row in the file>" (+ " (id=...)").
@@ -523,13 +532,13 @@ class ParquetRecords:
     def _turns_and_pictures(self, turns, stored, frames, with_pictures: bool):
         """A row's turns (a clip's mark expanded into its keyframes) and pictures; `stored(part)`
         gives the row's "pictures" or "video" cell, read only when needed."""
-        if _user_marks(turns, VIDEO_MARK):
+        marks, clip_marks = _user_marks(turns)
+        if clip_marks:
             video = stored("video") if with_pictures else None
             if with_pictures and not video:
                 raise BadRecord(f"missing picture: a {VIDEO_MARK} mark but no clip stored")
             turns, clip = expand_clip(turns, video, self.frames if frames is None else frames)
             return turns, clip if with_pictures else []
-        marks = _user_marks(turns)
         return turns, _pictures(stored("pictures"), marks) if with_pictures and marks else []
 
     def iter_pictures(self, start: int = 0, stop: Optional[int] = None,

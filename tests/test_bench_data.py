@@ -36,6 +36,7 @@ def test_machine_and_data_are_described(report):
     assert 0 < data["text_only_rows"] < data["rows"] // 4          # ~8% text-only
     assert all(seconds >= 0 for seconds in data["build_s"].values())
     assert set(data["build_s"]) >= {"parquet", "jsonl", "folder"}
+    assert data["small_rows"] == 1000 and data["epoch_rows"] == 2000   # the epoch: all 2000 rows here
     assert all(size > 0 for size in data["bytes"].values())
 
 

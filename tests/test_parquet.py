@@ -289,6 +289,27 @@ def test_read_gives_every_row_as_written(files, name):
             assert records.read(int(i)) == expected[i]
 
 
+def test_escapes_are_read_and_rows_are_found_across_files(tmp_path):
+    """JSON escapes of valid characters read as those characters (only a lone surrogate is
+    bad), and rows are located right across files and row groups, never past the end."""
+    escaped = '[{"role": "user", "content": "<image>\\n\\u4e2d\\u6587\\ud83d\\ude00"}, ' \
+              '{"role": "assistant", "content": "\\"ok\\""}]'
+    plain = json.dumps([user("<image> hi"), assistant("a")])
+    write_official(tmp_path / "a.parquet", [(0, escaped, PICTURES[0]), (1, plain, PICTURES[1])],
+                   row_group_size=1)
+    write_official(tmp_path / "b.parquet", [(k, plain, PICTURES[k % 12]) for k in range(2, 7)],
+                   row_group_size=2)
+    records = ParquetRecords(str(tmp_path))
+    assert records.read(0).turns == [user("<image>\n中文\U0001F600"), assistant('"ok"')]
+    assert [records.read(i).record_id for i in range(len(records))] == list(range(7))
+    assert [records.read(i).pictures for i in range(len(records))] == [[PICTURES[0]], [PICTURES[1]]] + [
+        [PICTURES[k % 12]] for k in range(2, 7)]
+    assert records.ref(3) == f"{tmp_path / 'b.parquet'} row 1 (id=3)"
+    for outside in (-1, 7):
+        with pytest.raises(IndexError):
+            records.read(outside)
+
+
 def test_every_bad_kind_is_reported(files):
     kinds = {r[-1] for r in files["official_rows"] if isinstance(r[-1], str)}
     assert kinds == {reason for _, _, reason in BAD_OFFICIAL}

@@ -124,5 +124,9 @@ def test_two_nodes_with_their_own_cache_folders_train_like_one(tmp_path, both, t
         assert len(np.load(cache / "keys.npy")) == 4
     a = torch.load(tmp_path / "single" / "64_vlm_pretrain.pth", weights_only=True)
     b = torch.load(tmp_path / "node0" / "64_vlm_pretrain.pth", weights_only=True)
+    # The all-reduce sums the two halves' gradients in another order than one batch does, and
+    # Adam divides by sqrt(v): for a weight whose gradient is near zero that rounding shows up
+    # as a small fraction of the learning rate (3e-3) - 2.8e-5 was seen on one machine. Data
+    # split the wrong way between the nodes would move most weights by ~1e-3.
     for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-3)
