@@ -64,7 +64,7 @@ def parse_args(argv=None):
     d = Sampling()
     p = argparse.ArgumentParser(description="Chat with MiniMind-V about pictures.")
     p.add_argument("--weight", default="sft",
-                   help="pretrain | sft | sft_multi (-> OUT_DIR/{dim}[_moe]_vlm_{weight}.pth), "
+                   help="pretrain | sft | sft_multi | sft_video (-> OUT_DIR/{dim}[_moe]_vlm_{weight}.pth), "
                         "a .pth file, or a folder written by scripts/export_model.py")
     p.add_argument("--out_dir", default=DEFAULT_OUT_DIR)
     p.add_argument("--dim", type=int, default=512, help="picks the file name with --weight NAME")

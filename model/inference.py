@@ -36,7 +36,7 @@ DEFAULT_OUT_DIR = "out"
 EVAL_IMAGES = os.path.join(REPO_ROOT, "dataset", "eval_images")
 EVAL_MULTI_IMAGES = os.path.join(REPO_ROOT, "dataset", "eval_multi_images", "bird")
 DEFAULT_QUESTION = "这个图片描述的是什么内容？"
-WEIGHT_NAMES = ("pretrain", "sft", "sft_multi")
+WEIGHT_NAMES = ("pretrain", "sft", "sft_multi", "sft_video")   # sft_video: the demo's video stage
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WEIGHTS_HINT = ("train them (1-pretrain_vlm.py, then 2-sft_vlm.py), put the published weights "
                 "there, or run `python demo.py` for a small demo model (written to out/demo/)")

@@ -113,7 +113,10 @@ class ImagePreprocessor:
     @staticmethod
     def _normalise(images, scale, mean, std):
         pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-        return (pixels.float() * scale - mean) / std
+        # The same arithmetic as (pixels.float() * scale - mean) / std, bit for bit, in place on
+        # one contiguous copy: about twice as fast, without three picture-sized temporaries.
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+        return out.copy_(pixels).mul_(scale).sub_(mean).div_(std)
 
     def _direct_normalisation(self):
         """(scale, mean, std) when the processor, given a picture that already has the target

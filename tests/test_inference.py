@@ -33,6 +33,7 @@ def test_weight_names_follow_the_original_file_names():
     assert inf.weight_path("sft", "out", "512") == os.path.join("out", "512_vlm_sft.pth")
     assert inf.weight_path("sft_multi", "o", "768_moe") == os.path.join("o", "768_moe_vlm_sft_multi.pth")
     assert inf.weight_path("pretrain", "out", "512") == os.path.join("out", "512_vlm_pretrain.pth")
+    assert inf.weight_path("sft_video", "out/demo", "128") == os.path.join("out/demo", "128_vlm_sft_video.pth")
     assert inf.weight_path("my/weights.pth", "out", "512") == "my/weights.pth"
 
 
