@@ -35,10 +35,10 @@ earlier work do not pollute it:
   A whole epoch, because that is what a Parquet reader is built for: it decodes each row
   group once per pass over a window, so the first samples of a window pay for many decodes
   and later ones for none; a few thousand samples timed from a window's start charged each
-  sample ~20 times its share (0.05 decodes a sample instead of 0.002). With 0 workers both
-  sources run in one process and take turns a few batches at a time, so that the machine's
-  minute-to-minute load (+-10% here) hits both alike; with 2 workers each source runs in its
-  own process, sources alternating and rounds repeated (--repeats; the median is reported).
+  sample ~20 times its share (0.05 decodes a sample instead of 0.002). Both sources run in
+  one process and take turns over stretches of their epochs (0 workers: 8 batches; 2 workers:
+  a tenth of the epoch, the loaders keeping their workers), so that the machine's
+  minute-to-minute load (+-10% here) hits both alike; rounds repeat it (--repeats; median).
   The warm-up (first calls of the tokenizer, template and torch ops) runs on other dataset
   objects (the first row group's files), so it decodes nothing the timed epoch reads. For
   Parquet with 0 workers it also counts the row-group decodes (LRU misses) and their time.
@@ -376,16 +376,35 @@ def count_row_group_loads(source) -> dict:
     return stats
 
 
-BLOCK_BATCHES = 8   # with 0 workers the sources take turns this many batches at a time
+# The sources take turns over stretches of their epochs: with 0 workers 8 batches at a time;
+# with workers a tenth of the epoch (each stretch refills the workers' pipeline, so not too short).
+TURN_BATCHES_IN_PROCESS = 8
+TURNS_WITH_WORKERS = 10
+
+
+class _Stretch:
+    """A batch sampler over one stretch of an epoch's batches, set before each pass; a loader
+    with persistent workers takes one pass per stretch and keeps its workers (and their
+    row-group caches) from one stretch to the next."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
 def measure_throughput(args) -> dict:
     """samples/s over one epoch of the "epoch" files (or its first --samples), per source.
 
-    With 0 workers both sources run in this one process and take turns, BLOCK_BATCHES batches
-    at a time, each timed on its own: load from elsewhere on the machine (it varies by +-10%
-    from one minute to the next here) then hits both alike, and the ratio is what is left.
-    With workers, the one source of --source (worker processes cannot take turns).
+    Both sources (with --source both) run in this one process and take turns, a stretch of
+    their epoch at a time, each stretch timed on its own: load from elsewhere on the machine
+    (it moves by +-10% from one minute to the next here) then hits both alike, and the ratio
+    is what is left. With workers, each source's loader keeps its workers between stretches
+    (their start-up is timed once, in the first stretch, as in an epoch of training).
     First --warmup items of each source's first-row-group files in this process (tokenizer,
     chat template, torch ops; forked workers inherit it): other dataset objects, so the
     warm-up decodes nothing the timed epoch reads.
@@ -416,22 +435,22 @@ def measure_throughput(args) -> dict:
             for i in batch:
                 warmup[i]
         ds = open_dataset(args, preprocess, tokenizer, data="epoch", source=source)
-        loader = DataLoader(ds, batch_sampler=steps(ds, args.samples), num_workers=args.workers,
-                            collate_fn=make_collate(0))
-        runs[source] = {"ds": ds, "loader": iter(loader), "seconds": 0.0, "samples": 0, "skipped": 0,
+        stretch = _Stretch()
+        loader = DataLoader(ds, batch_sampler=stretch, num_workers=args.workers, collate_fn=make_collate(0),
+                            persistent_workers=args.workers > 0)
+        runs[source] = {"ds": ds, "loader": loader, "stretch": stretch, "batches": steps(ds, args.samples),
+                        "seconds": 0.0, "samples": 0, "skipped": 0,
                         "loads": count_row_group_loads(ds.source) if args.workers == 0 else {}}
-    block = BLOCK_BATCHES if args.workers == 0 else None   # None: the whole epoch at once
-    pending = list(runs.values())
-    while pending:
-        for run in list(pending):
-            start, pulled = time.perf_counter(), 0   # with workers: their start-up included, as in every epoch
-            for batch in itertools.islice(run["loader"], block):
-                pulled += 1
+    longest = max(len(run["batches"]) for run in runs.values())
+    turn = TURN_BATCHES_IN_PROCESS if args.workers == 0 else max(1, -(-longest // TURNS_WITH_WORKERS))
+    for first in range(0, longest, turn):
+        for run in runs.values():
+            run["stretch"].batches = run["batches"][first:first + turn]
+            start = time.perf_counter()
+            for batch in run["loader"]:
                 run["samples"] += len(batch["indices"]) + len(batch["skipped"])
                 run["skipped"] += len(batch["skipped"])
             run["seconds"] += time.perf_counter() - start
-            if block is None or pulled < block:
-                pending.remove(run)
     return {source: throughput_figures(run, torch.get_num_threads()) for source, run in runs.items()}
 
 
@@ -504,8 +523,6 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args._measure:   # a measuring subprocess: JSON on stdout
-        # The index figures come first, in every such process: it has to index anyway, and
-        # one fresh interpreter fewer per figure keeps the smoke run short.
         args.workers = args.workers[0]
         print(json.dumps(measure_index(args)[1] if args._measure == "index" else measure_throughput(args)))
         return
@@ -534,16 +551,13 @@ def main(argv=None):
 
         report["index"] = {s: measure_in_subprocess(args, "index", s) for s in sources}
         if not args.skip_throughput:
-            # Sources alternate within each worker count, and rounds repeat the whole cycle, so
-            # that a burst of load from other processes on the machine tends to hit every
-            # configuration alike; samples_per_s is the median of the rounds. The row-group
-            # loads are those of the first round.
+            # Rounds repeat the whole cycle; samples_per_s is the median of the rounds. The
+            # row-group loads are those of the first round.
             report["throughput"] = {}
             for _ in range(args.repeats):
                 for w in args.workers:
-                    # 0 workers: both sources in one process, taking turns (measure_throughput).
-                    runs = [BOTH] if w == 0 and len(sources) > 1 else sources
-                    for run in runs:
+                    # Both sources in one process, taking turns (measure_throughput).
+                    for run in [BOTH] if len(sources) > 1 else sources:
                         for s, result in measure_in_subprocess(args, "throughput", run, w, data="epoch").items():
                             first = report["throughput"].setdefault(f"{s}_workers{w}", result)
                             first.setdefault("samples_per_s_rounds", []).append(result["samples_per_s"])
