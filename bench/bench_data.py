@@ -315,8 +315,8 @@ def array_bytes(obj) -> int:
     return sum(v.nbytes for v in vars(obj).values() if isinstance(v, np.ndarray))
 
 
-def measure_index(args):
-    """(index figures, the dataset) in this fresh process."""
+def measure_index(args) -> dict:
+    """The index figures of args.source's args.data files, in this fresh process."""
     # Everything a training process imports and loads anyway comes before the baseline.
     import pyarrow as pa
     import torch  # noqa: F401
@@ -337,7 +337,7 @@ def measure_index(args):
     gc.collect()
     pa.default_memory_pool().release_unused()
     after = rss_mb()
-    return ds, {
+    return {
         "index_build_s": round(index_s, 3), "rows_in_use": len(ds),
         "load_problems": len(ds.problems),
         "rss_baseline_mb": round(baseline["rss"], 1),   # after imports + tokenizer + preprocessor
@@ -524,7 +524,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args._measure:   # a measuring subprocess: JSON on stdout
         args.workers = args.workers[0]
-        print(json.dumps(measure_index(args)[1] if args._measure == "index" else measure_throughput(args)))
+        print(json.dumps(measure_index(args) if args._measure == "index" else measure_throughput(args)))
         return
 
     temporary = args.work_dir is None
