@@ -433,30 +433,36 @@ def centroids(frames):
     return out
 
 
-def decoded_digest(out_dir):
-    """One hash of every file's relative path and contents, a clip's contents being its decoded
-    frames: libx264 on several threads does not always write the same bytes for the same frames
-    (seen under load), while the frames it encodes decode identically."""
+def assert_same_clip_sets(a, b):
+    """Same files; every file but a clip byte for byte; a clip's decoded frames within one grey
+    level on average of each other's. libx264 on several threads does not always write the same
+    bytes for the same frames (seen under load), and now and then not the same pixels either:
+    a clip is the same clip within what its encoding changes anyway (a shape moved by a single
+    pixel changes far more)."""
+    import numpy as np
+
     from model.video import read_keyframes
 
-    h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(out_dir)):
-        for fn in sorted(files):
-            path = os.path.join(root, fn)
-            h.update(os.path.relpath(path, out_dir).encode())
-            if fn.endswith(".mp4"):
-                h.update(b"".join(f.tobytes() for f in read_keyframes(path, ds.clips.FRAMES)))
-            else:
-                with open(path, "rb") as f:
-                    h.update(f.read())
-    return h.hexdigest()
+    def files(root):
+        return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+    assert files(a) == files(b)
+    for name in files(a):
+        pa, pb = os.path.join(a, name), os.path.join(b, name)
+        if name.endswith(".mp4"):
+            for fa, fb in zip(read_keyframes(pa, ds.clips.FRAMES), read_keyframes(pb, ds.clips.FRAMES), strict=True):
+                diff = np.abs(np.asarray(fa, dtype=np.int16) - np.asarray(fb, dtype=np.int16))
+                assert diff.mean() <= 1.0, name
+        else:
+            with open(pa, "rb") as fa, open(pb, "rb") as fb:
+                assert fa.read() == fb.read(), name
 
 
 def test_clips_same_seed_same_frames_other_seed_differs(clips, tmp_path):
     again, other = str(tmp_path / "again"), str(tmp_path / "other")
     ds.generate_clip_data(again, seed=0, **CLIP_SIZES)
     ds.generate_clip_data(other, seed=1, **CLIP_SIZES)
-    assert decoded_digest(again) == decoded_digest(clips)
+    assert_same_clip_sets(again, clips)
     assert load_clips(other, "video") != load_clips(clips, "video")
     assert load_clips(other, "video_heldout") != load_clips(clips, "video_heldout")
 
