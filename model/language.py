@@ -61,6 +61,15 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def take_rows(self, rows: torch.Tensor, part: "KVCache", batch_size: int):
+        """Copy the buffers of `part`, a cache of the same capacity filled for some rows of the
+        batch, into those rows (buffers for all `batch_size` rows are made, zeroed, on first use)."""
+        for store, source in ((self.keys, part.keys), (self.values, part.values)):
+            for i, buf in enumerate(source):
+                if store[i] is None:
+                    store[i] = buf.new_zeros(batch_size, *buf.shape[1:])
+                store[i][rows] = buf
+
     def grow(self, capacity: int):
         """Move every buffer into a zeroed one of `capacity` positions."""
         for store in (self.keys, self.values):
@@ -106,31 +115,45 @@ def dropout_layer(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+def refresh_inference_copy(owner: nn.Module, slot: str, weights: List[torch.Tensor]) -> torch.Tensor:
+    """The weights of linear layers that read the same input, one beside the other and
+    transposed ([in, sum of outs], contiguous), kept in `owner.__dict__[slot]` (no parameter, no
+    state_dict key) and rebuilt only when a weight changed since: in place (an optimizer step,
+    load_state_dict: the version counters move) or replaced (.to(): the addresses move).
+
+    Why transposed: at batch 1 (a decoding step) `x @ copy` runs through the matrix row after
+    row. With MKL on the AMD EPYC this project measured on (2026-12-02) that was about 1.7x as
+    fast as `F.linear(x, weight)` for the wide matrices (gate/up, the 6400-word output layer),
+    about the same for the others and for batches; both give the same values up to float
+    rounding (docs/decode_speed.md)."""
+    key = [(w.data_ptr(), w._version) for w in weights]
+    if owner.__dict__.get(slot, (None,))[0] != key:
+        owner.__dict__[slot] = (key, torch.cat(weights).t().contiguous().detach())
+    return owner.__dict__[slot][1]
+
+
 class Stacked(nn.Module):
     """A module whose linear layers named in `stacked` read the same input: one matmul with their
-    weights one under the other does the work of all of them (at batch 1 a matmul also has a
-    fixed cost besides reading its weight). The layers stay separate modules, so parameters,
-    state_dict keys, gradients and optimizers all see the published layout."""
+    weights side by side does the work of all of them (at batch 1 a matmul also has a fixed cost
+    besides reading its weight). The layers stay separate modules, so parameters, state_dict
+    keys, gradients and optimizers all see the published layout."""
     stacked = ()
 
-    def stacked_weight(self, decoding: bool) -> torch.Tensor:
-        """With gradients on, concatenated in every forward, so that they reach each layer.
-        Otherwise the copy that `refresh_stacked` keeps (concatenating would cost a decoding step
-        as much as the matmul): checked first, except in decoding steps (torch.compile cannot
-        trace the check; `generate` refreshes the copies before its first step)."""
+    def stacked_linear(self, x: torch.Tensor, decoding: bool) -> torch.Tensor:
+        """The stacked layers' outputs side by side. With gradients on, through the weights
+        concatenated in every forward, so that gradients reach each layer. Otherwise through
+        the copy that `refresh_stacked` keeps (concatenating would cost a decoding step as much
+        as the matmul): checked first, except in decoding steps (torch.compile cannot trace the
+        check; `generate` refreshes the copies before its first step)."""
         if torch.is_grad_enabled():
-            return torch.cat([getattr(self, name).weight for name in self.stacked])
+            return F.linear(x, torch.cat([getattr(self, name).weight for name in self.stacked]))
         if not decoding:
             self.refresh_stacked()
-        return self.__dict__["_stacked"][1]
+        return torch.matmul(x, self.__dict__["_stacked"][1])
 
     def refresh_stacked(self):
-        """Rebuild the decoding copy if a weight changed since it was made: in place (an optimizer
-        step, load_state_dict: the version counters move) or replaced (.to(): the addresses move)."""
-        weights = [getattr(self, name).weight for name in self.stacked]
-        key = [(w.data_ptr(), w._version) for w in weights]
-        if self.__dict__.get("_stacked", (None,))[0] != key:
-            self.__dict__["_stacked"] = (key, torch.cat(weights).detach())
+        """Bring the copy of the stacked weights up to date (see `refresh_inference_copy`)."""
+        refresh_inference_copy(self, "_stacked", [getattr(self, name).weight for name in self.stacked])
 
 
 class Attention(Stacked):
@@ -149,7 +172,7 @@ class Attention(Stacked):
     def forward(self, x, rope, mask, cache: Optional[KVCache] = None, layer: int = 0, position=None):
         B, T, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
-        qkv = F.linear(x, self.stacked_weight(position is not None)).view(B, T, H + 2 * K, self.head_dim)
+        qkv = self.stacked_linear(x, position is not None).view(B, T, H + 2 * K, self.head_dim)
         q, k = apply_rope(qkv[:, :, :H + K], *rope).type_as(x).split([H, K], dim=2)   # side by side: one call
         v = qkv[:, :, H + K:]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))   # [B, heads, T, D]
@@ -178,7 +201,7 @@ class FeedForward(Stacked):
         self.dropout = dropout_layer(cfg.dropout)
 
     def forward(self, x, decoding: bool = False):
-        gate, up = F.linear(x, self.stacked_weight(decoding)).chunk(2, dim=-1)
+        gate, up = self.stacked_linear(x, decoding).chunk(2, dim=-1)
         return self.dropout(self.w2(F.silu(gate) * up))
 
 
@@ -354,7 +377,7 @@ class MiniMindLM(nn.Module):
         if labels is None:
             if logits_to_keep:   # generation only needs the last position
                 h = h[:, -logits_to_keep:]
-            return LMOutput(logits=self.output(h), past_key_values=cache if use_cache else None)
+            return LMOutput(logits=self.output_logits(h), past_key_values=cache if use_cache else None)
         if logits_to_keep:
             raise ValueError("labels and logits_to_keep do not go together")
         # Only positions that have a target go through the vocabulary projection: in a VLM
@@ -414,10 +437,21 @@ class MiniMindLM(nn.Module):
         rope = self.rope_cos[position], self.rope_sin[position]
         for i, layer in enumerate(self.layers):
             h, _ = layer(h, rope, mask, cache, i, position)
-        return self.output(self.norm(h))[:, -1]
+        return self.output_logits(self.norm(h), decoding=True)[:, -1]
+
+    def output_logits(self, h: torch.Tensor, decoding: bool = False) -> torch.Tensor:
+        """Vocabulary logits of final hidden states. Without gradients through a transposed copy
+        of the (tied) output weight, kept like the stacked weights' (`refresh_inference_copy`):
+        at batch 1 it is the biggest matmul of a decoding step."""
+        if torch.is_grad_enabled():
+            return self.output(h)
+        if not decoding:
+            refresh_inference_copy(self, "_output", [self.output.weight])
+        return torch.matmul(h, self.__dict__["_output"][1])
 
     def refresh_stacked(self):
-        """Bring the stacked weights of `decode_step` up to date (see `Stacked`)."""
+        """Bring the weight copies of `decode_step` up to date (see `Stacked`, `output_logits`)."""
+        refresh_inference_copy(self, "_output", [self.output.weight])
         for layer in self.layers:
             for module in (layer.attention, layer.feed_forward):
                 if isinstance(module, Stacked):
@@ -445,6 +479,33 @@ class MiniMindLM(nn.Module):
         self.__dict__["_compiled_step"] = torch.compile(self.decode_step, dynamic=True) if compile else None
         self.__dict__["_cuda_graph"] = cuda_graph
         return self
+
+    def _prefill(self, embeds, mask, cache: Optional[KVCache]) -> torch.Tensor:
+        """Next-token logits [B, vocab] after the (left-padded) prompts, filling `cache`.
+
+        Rows whose prompts differ much in length (one picture and two, a short question and a
+        long one) run in groups (`prefill_groups`), each forward only as wide as its group's
+        longest prompt: the padding columns a group skips stay zero in the cache and masked out.
+        The positions are those of the full width, so decoding goes on exactly as after one
+        forward over the whole batch."""
+        groups = prefill_groups(mask.sum(dim=1).tolist()) if mask is not None and cache is not None else []
+        if len(groups) <= 1:
+            return self(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache,
+                        use_cache=cache is not None, logits_to_keep=1).logits[:, -1]
+        B, T = mask.shape
+        logits = None
+        for rows, width in groups:
+            rows = torch.tensor(rows, device=embeds.device)
+            part = KVCache(len(self.layers), cache.capacity)
+            part.length = T - width   # the columns left out: padding in every row of the group
+            out = self(inputs_embeds=embeds[rows, T - width:], attention_mask=mask[rows], past_key_values=part,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+            if logits is None:
+                logits = out.new_empty(B, out.shape[-1])
+            logits[rows] = out
+            cache.take_rows(rows, part, B)
+        cache.length = T
+        return logits
 
     def _step_function(self, tokens, position, cache, pad_mask):
         """The decoding step `generate` calls, as `compile_decoding` chose: f(tokens, position)."""
@@ -490,8 +551,7 @@ class MiniMindLM(nn.Module):
         # filled positions without a mask is faster (docs/decode_speed.md).
         fixed_shapes = self.__dict__.get("_compiled_step") is not None or bool(
             self.__dict__.get("_cuda_graph") and input_ids.is_cuda)
-        logits = self(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
-                      logits_to_keep=1).logits[:, -1]
+        logits = self._prefill(embeds, mask, cache)
         for n in range(max_new_tokens):
             logits = logits.float()
             if seen is not None:
@@ -548,6 +608,36 @@ class CUDAGraphStep:
         self.position.copy_(position)
         self.graph.replay()
         return self.logits
+
+
+# What one more prefill forward costs beyond its rows' work, counted in prompt positions: a
+# group of rows is split off only when that saves more padding than this.
+PREFILL_GROUP_COST = 256
+
+
+def prefill_groups(lengths: List[int], group_cost: int = PREFILL_GROUP_COST) -> List[tuple]:
+    """[(row indices, width)]: the rows (by prompt length) cut into groups of similar lengths
+    so that the positions a prefill computes, each group as wide as its longest prompt, plus
+    `group_cost` per group, are fewest. Exact: a shortest-path over the distinct lengths."""
+    widths = sorted(set(lengths))
+    count = [sum(1 for n in lengths if n == w) for w in widths]
+    # best[j]: the cheapest way to cover the rows of the j shortest lengths; cut[j]: where its
+    # last group starts.
+    best, cut = [0] + [math.inf] * len(widths), [0] * (len(widths) + 1)
+    for end in range(1, len(widths) + 1):
+        rows = 0
+        for start in range(end - 1, -1, -1):
+            rows += count[start]
+            cost = best[start] + rows * widths[end - 1] + group_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(widths)
+    while end:
+        start = cut[end]
+        members = set(widths[start:end])
+        groups.append(([i for i, n in enumerate(lengths) if n in members], widths[end - 1]))
+        end = start
+    return groups[::-1]
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float):

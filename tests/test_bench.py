@@ -24,6 +24,9 @@ def test_bench_generate_runs_and_all_loops_agree():
     report = run_bench("bench_generate.py", "--repeats", "1", "--new_tokens", "8")
     assert report["same_tokens"] is True           # ours (cache / no cache) and v1: same greedy tokens
     assert report["kv_cache"]["new_tokens"] == 8 and report["matmul_floor_ms_per_token"] > 0
+    floors = report["matmul_floor_by_weight_layout"]   # the floor is the faster of both layouts
+    assert set(floors) == {"linear", "transposed"}
+    assert report["matmul_floor_ms_per_token"] == min(floors.values())
 
 
 TRAIN_ROWS = {"v1_original", "ours_live_all_trained", "ours_cached_all_trained", "ours_default_projector_only"}

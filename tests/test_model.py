@@ -312,6 +312,91 @@ def test_fixed_shape_decoding_step_gives_the_forward_logits(tiny_vlm, tokenizer)
     assert cache.capacity == 256
 
 
+def test_inference_copies_follow_weight_changes(tiny_vlm, tokenizer):
+    """Without gradients the stacked (q/k/v, gate/up) and output matmuls read transposed copies
+    of the weights. The copies must follow every change of the weights (in place, as an
+    optimizer step does; load_state_dict) and never become state_dict keys."""
+    ids = torch.tensor([_prompts(tokenizer, tiny_vlm)[0]])
+    pixels = torch.randn(1, 3, 224, 224)
+    original = {k: v.clone() for k, v in tiny_vlm.state_dict().items()}
+
+    def copies_and_weights():
+        with torch.no_grad():
+            through_copies = tiny_vlm(ids, pixel_values=pixels).logits
+        with torch.enable_grad():   # gradients on: the weights themselves, as in training
+            through_weights = tiny_vlm(ids, pixel_values=pixels).logits.detach()
+        assert torch.allclose(through_copies, through_weights, atol=1e-5)
+        return through_copies
+
+    before = copies_and_weights()
+    with torch.no_grad():
+        for name, p in tiny_vlm.named_parameters():
+            if name.startswith(("layers.", "tok_embeddings")):
+                p.mul_(1.5)
+    changed = copies_and_weights()
+    assert not torch.allclose(changed, before, atol=1e-3)
+    tiny_vlm.load_state_dict(original)
+    assert torch.allclose(copies_and_weights(), before, atol=1e-6)
+    assert set(tiny_vlm.state_dict()) == set(original)
+
+
+def test_prefill_groups_are_the_cheapest_cut():
+    """prefill_groups against every way to cut the sorted distinct lengths into groups."""
+    import itertools
+    import random
+    from model.language import prefill_groups
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.choice([3, 5, 40, 41, 90, 200]) for _ in range(rng.randint(1, 12))]
+        cost = rng.choice([0, 16, 256])
+        widths = sorted(set(lengths))
+
+        def positions(groups):
+            return sum(len(rows) * width + cost for rows, width in groups)
+
+        best = min(positions([([i for i, n in enumerate(lengths) if lo <= n <= hi], hi)
+                              for lo, hi in zip([widths[0]] + [widths[c] for c in cuts],
+                                                [widths[c - 1] for c in cuts] + [widths[-1]])])
+                   for k in range(len(widths))
+                   for cuts in itertools.combinations(range(1, len(widths)), k))
+        groups = prefill_groups(lengths, cost)
+        assert sorted(i for rows, _ in groups for i in rows) == list(range(len(lengths)))
+        assert all(max(lengths[i] for i in rows) == width for rows, width in groups)
+        assert positions(groups) == best
+
+
+def test_prefill_in_groups_equals_one_forward(tiny_vlm, tokenizer):
+    """Short text-only prompts batched with a long two-picture one: the prefill runs in two
+    groups, and its logits, its cache at every real position and the answers that follow equal
+    those of one forward over the whole padded batch, and those of each prompt alone."""
+    from model.inference import pad_left
+    from model.language import KVCache, prefill_groups
+
+    _, hello, long = _prompts(tokenizer, tiny_vlm)
+    prompts = [hello] * 5 + [long]
+    ids, mask = pad_left(prompts)
+    pixels = torch.randn(2, 3, 224, 224)
+    assert len(prefill_groups(mask.sum(dim=1).tolist())) == 2
+    with torch.inference_mode():
+        tiny_vlm.refresh_stacked()
+        embeds = tiny_vlm.embed_inputs(ids, pixels)
+        grouped_cache, whole_cache = KVCache(len(tiny_vlm.layers), 256), KVCache(len(tiny_vlm.layers), 256)
+        grouped = tiny_vlm._prefill(embeds, mask, grouped_cache)
+        whole = tiny_vlm(inputs_embeds=embeds, attention_mask=mask, past_key_values=whole_cache, use_cache=True,
+                         logits_to_keep=1).logits[:, -1]
+    assert torch.allclose(grouped, whole, atol=1e-5)
+    assert grouped_cache.length == whole_cache.length == ids.shape[1]
+    real = mask.bool()[:, None, :, None]
+    for a, b in zip(grouped_cache.keys + grouped_cache.values, whole_cache.keys + whole_cache.values):
+        T = ids.shape[1]
+        assert torch.allclose(a[:, :, :T] * real, b[:, :, :T] * real, atol=1e-5)
+    kw = dict(max_new_tokens=12, eos_token_id=-1)
+    batched = tiny_vlm.generate(ids, attention_mask=mask, pixel_values=pixels, **kw)
+    assert torch.equal(batched[0], tiny_vlm.generate(torch.tensor([prompts[0]]), **kw)[0])
+    assert torch.equal(batched[-1], tiny_vlm.generate(torch.tensor([long]), pixel_values=pixels, **kw)[0])
+
+
 def test_kv_cache_grows_past_its_capacity(tiny_vlm, tokenizer):
     """A cache sized too small (here 4 positions) must grow without changing any logit."""
     from model.language import KVCache
