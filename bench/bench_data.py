@@ -68,6 +68,8 @@ if ROOT not in sys.path:
 # the heavy ones (torch, transformers, pyarrow), which they import themselves.
 import numpy as np  # noqa: E402
 
+from machine import cpu_name  # noqa: E402  (same folder)
+
 PARQUET, JSONL, BOTH = "parquet", "jsonl", "both"
 QUESTIONS = ["请描述这张图片。", "图中有什么？", "这张图片的主要内容是什么？", "简要概括图片。",
              "图片里的人在做什么？", "请说说图中的场景。", "What is shown in this picture?",
@@ -530,7 +532,7 @@ def main(argv=None):
     temporary = args.work_dir is None
     args.work_dir = os.path.abspath(args.work_dir or tempfile.mkdtemp(prefix="bench_data-"))
     os.makedirs(args.work_dir, exist_ok=True)
-    report = {"machine": {"cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+    report = {"machine": {"cpu_count": os.cpu_count(), "cpu": cpu_name(),
                           "python": platform.python_version(),
                           "load_average_1min_start": load_average()}}
     try:

@@ -44,6 +44,8 @@ from model.inference import (Request, Sampling, answer_batch, build_prompt_ids, 
                              open_picture, pad_left)
 from model.prompt import load_tokenizer  # noqa: E402
 
+from machine import cpu_name  # noqa: E402  (same folder)
+
 DEMO_DATA = os.path.join(ROOT, "dataset", "demo")
 TARGET = {"batch_size": 64, "speedup_vs_batch1": 8.0}
 
@@ -179,7 +181,7 @@ def main(argv=None):
                   "vision": "random demo CLIP (demo_shapes.make_demo_clip)"},
         "same_answers_at_every_batch_size": all(answers[b] == answers[args.batch_sizes[0]] for b in answers),
         "repeats": args.repeats, "order": "round-robin over batch sizes; figures are medians",
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
         "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
                                 "after": [round(x, 2) for x in os.getloadavg()]},
         "platform": platform.platform(), "torch": torch.__version__,

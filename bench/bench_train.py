@@ -112,7 +112,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import sys
 import time
@@ -122,6 +121,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from machine import cpu_name  # same folder
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -688,7 +689,7 @@ def main():
                            "peak RSS from getrusage, high-water mark reset through /proc/self/clear_refs")),
         "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         "v1_source": "github.com/jingyaogong/minimind-v @ 3cc902b (2024-11-19), the last v1 commit",
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "cpu": cpu_name(), "torch": torch.__version__,
     }
     if cuda:
         report["peak_tflops"] = args.peak_tflops

@@ -28,7 +28,7 @@ def report(tmp_path_factory):
 
 def test_machine_and_data_are_described(report):
     machine = report["machine"]
-    assert machine["cpu_count"] > 0
+    assert machine["cpu_count"] > 0 and machine["cpu"]   # which CPU: hosts differ between days
     assert machine["load_average_1min_start"] >= 0 and machine["load_average_1min_end"] >= 0
     data = report["data"]
     assert data["rows"] == 2000 and data["row_group_size"] > 0 and data["picture_px"] > 0
