@@ -580,7 +580,7 @@ def time_interleaved(steps: dict, batches: List[List[Sample]], n_steps: int, dev
                    "last_loss": last_loss[name]} for name in names}
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8, help="timed steps per row (after one warm-up step)")
     p.add_argument("--samples", type=int, default=256, help="distinct synthetic samples")
@@ -591,12 +591,17 @@ def main():
                    help="our rows with torch.compile'd blocks (the trainers' --compile); v1 stays eager")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="CUDA: dense bf16 peak for the MFU (989: H100 SXM)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.samples < args.batch_size:
         p.error("--samples must be at least --batch_size")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]

@@ -61,3 +61,11 @@ def test_bench_train_runs_on_cuda():
     report = run_bench("bench_train.py", "--device", "cuda", "--steps", "1", "--samples", "4", "--batch_size", "2")
     check_bench_train_report(report, "cuda")
     assert all(0 < report["results"][name]["mfu"] < 1 for name in CACHED_TRAIN_ROWS)
+
+
+def test_cuda_check_steps_parse():
+    """The prepared GPU run (bench/cuda_check.py) parses each bench step's arguments with that
+    bench's own parser before a GPU is ever lent: a wrong flag fails here."""
+    report = run_bench("cuda_check.py", "--dry_run")
+    assert set(report["steps"]) == {"cuda_tests", "bench_train", "bench_generate"}
+    assert "--device cuda" in report["steps"]["bench_train"]["cuda"]

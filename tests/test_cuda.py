@@ -50,6 +50,25 @@ def test_generation_on_the_gpu_gives_the_pinned_answers(tmp_path):
         assert tokens.cpu().tolist() == expected[name], name
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["cuda_graph", "compiled_cuda_graph"])
+def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, compile):
+    """The decoding step replayed as a CUDA graph (also compiled), over enough tokens that the
+    cache grows and the graph is captured again: the tokens of eager decoding, and the pinned ones."""
+    with open(os.path.join(ROOT, "tests", "data", "greedy_reference.json"), encoding="utf-8") as f:
+        expected = json.load(f)
+    model = reference_vlm(tmp_path).to("cuda")
+    for name, case in reference_inputs()["generate"].items():
+        on_gpu = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+        input_ids = on_gpu.pop("input_ids")
+        model.compile_decoding(False, False)
+        eager = model.generate(input_ids, max_new_tokens=80, eos_token_id=-1, **on_gpu)
+        model.compile_decoding(compile, True)
+        replayed = model.generate(input_ids, max_new_tokens=80, eos_token_id=-1, **on_gpu)
+        assert input_ids.shape[1] + 80 > 128, "the cache must outgrow its first capacity"
+        assert torch.equal(replayed, eager), name
+        assert replayed[:, :24].cpu().tolist() == expected[name], name
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over nccl needs two GPUs")
 def test_ddp_over_nccl_matches_one_gpu(tmp_path, data, tiny_clip_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
