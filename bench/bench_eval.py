@@ -190,7 +190,8 @@ def main(argv=None):
     if breakdown:
         report["where_the_time_goes"] = breakdown
     if args.batch_sizes[0] == 1 and TARGET["batch_size"] in args.batch_sizes:
-        got = results[str(TARGET["batch_size"])]["speedup_vs_batch1"]
+        # Unrounded: a speed-up of 7.996 shows as 8.0 but does not reach 8.
+        got = base / statistics.median(seconds[TARGET["batch_size"]])
         report["target"] = {**TARGET, "met": got >= TARGET["speedup_vs_batch1"]}
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
