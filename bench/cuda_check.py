@@ -21,7 +21,7 @@ start the machine and to rerun one step (--only NAME).
 
 The GPU machine has torch, transformers and pyarrow but not PyAV, which the training scripts
 import. Before the run, put its wheel in an ignored folder here and carry it:
-    echo /.whl/ >> .git/info/exclude
+    mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux_2_28_x86_64 -d .whl av==18.1.0
 and start the device command with
