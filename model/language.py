@@ -475,10 +475,11 @@ class MiniMindLM(nn.Module):
         Should compiling fail (no C++ compiler, ...), a warning, and decoding goes on eagerly.
         cuda_graph: on CUDA, the step (compiled or not) is captured as a CUDA graph after the
         first new token, and again whenever the cache grows, and replayed: one launch per token
-        instead of hundreds. `compile_decoding(False, False)` undoes both."""
+        instead of hundreds. Not for MoE models: routing tokens to experts picks rows by data
+        (`nonzero`), which a graph cannot capture. `compile_decoding(False, False)` undoes both."""
         # In __dict__, not as a module attribute: the compiled function is no weight or submodule.
         self.__dict__["_compiled_step"] = torch.compile(self.decode_step, dynamic=True) if compile else None
-        self.__dict__["_cuda_graph"] = cuda_graph
+        self.__dict__["_cuda_graph"] = cuda_graph and not self.config.use_moe
         return self
 
     def _prefill(self, embeds, mask, cache: Optional[KVCache]) -> torch.Tensor:
@@ -514,12 +515,15 @@ class MiniMindLM(nn.Module):
         compiled = self.__dict__.get("_compiled_step")
 
         def compiled_or_eager(*args):
-            try:
-                return compiled(*args)
-            except Exception as e:   # compiling failed: the step itself is the same in eager
-                warnings.warn(f"torch.compile of the decoding step failed, decoding eagerly: {e}")
-                self.__dict__["_compiled_step"] = None
-                return self.decode_step(*args)
+            nonlocal compiled
+            if compiled is not None:
+                try:
+                    return compiled(*args)
+                except Exception as e:   # compiling failed: the step itself is the same in eager
+                    warnings.warn(f"torch.compile of the decoding step failed, decoding eagerly: {e}")
+                    # Once only: neither this generation's later tokens nor later generations retry.
+                    compiled = self.__dict__["_compiled_step"] = None
+            return self.decode_step(*args)
 
         step = self.decode_step if compiled is None else compiled_or_eager
         if self.__dict__.get("_cuda_graph") and tokens.is_cuda:

@@ -29,9 +29,13 @@ import os
 from fractions import Fraction
 from typing import BinaryIO, List, Optional, Sequence, Union
 
-import av
 import numpy as np
 from PIL import Image
+
+try:
+    import av
+except ImportError:   # pictures need no PyAV: a machine without it trains on them; only clips fail
+    av = None
 
 __all__ = ["VideoError", "read_keyframes", "write_video"]
 
@@ -62,6 +66,7 @@ def read_keyframes(source: VideoSource, n_frames: int = 4, name: Optional[str] =
     `_strategy` ("auto", "seek" or "sequential") is for tests and benchmarks.
     """
     label = name or _label(source)
+    _need_pyav(label)
     if n_frames < 1:
         raise VideoError(f"{label}: n_frames must be at least 1, got {n_frames}")
     if _strategy not in ("auto", "seek", "sequential"):
@@ -92,6 +97,7 @@ def write_video(frames: Sequence[Union[Image.Image, np.ndarray]],
     browser, which 4:4:4 does not. 4:2:0 needs even sides, so odd-sized frames use yuv444p.
     A codec keyframe every second keeps seeking useful on long clips.
     """
+    _need_pyav(_label(destination))
     arrays = [_rgb_array(f) for f in frames]
     if not arrays:
         raise ValueError("write_video needs at least one frame")
@@ -111,6 +117,11 @@ def write_video(frames: Sequence[Union[Image.Image, np.ndarray]],
             frame.pts = i
             out.mux(stream.encode(frame))
         out.mux(stream.encode())
+
+
+def _need_pyav(label: str) -> None:
+    if av is None:
+        raise VideoError(f"{label}: videos need PyAV, which is not installed (pip install av)")
 
 
 def _read(source, n_frames: int, label: str, strategy: str) -> List[Image.Image]:

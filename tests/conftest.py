@@ -150,6 +150,22 @@ def reference_inputs():
     }
 
 
+REFERENCE = os.path.join(ROOT, "tests", "data", "greedy_reference.json")
+
+
+def pinned_reference():
+    """What the reference model must answer to each prompt (24 greedy tokens), and its loss."""
+    with open(REFERENCE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def reference_prompts(device="cpu"):
+    """(name, input_ids, generate's other arguments) for each pinned prompt, moved to `device`."""
+    for name, case in reference_inputs()["generate"].items():
+        case = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+        yield name, case.pop("input_ids"), case
+
+
 # ---------------------------------------------------------------- checkpoints and the CLI
 def save_tiny_checkpoint(path, seed=0):
     """A tiny VLM written as a real `.pth`. n_heads=16 is what loading assumes for `.pth` files;

@@ -1,16 +1,19 @@
 """The CUDA path users train on: bf16 autocast training steps, the feature cache on the GPU,
 generation, and DDP over nccl. Skipped (with the reason) where there is no GPU, as in CI."""
-import json
 import math
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, common, losses, make_data, reference_inputs, reference_vlm, run_stage
+from conftest import (ROOT, common, losses, make_data, pinned_reference, reference_prompts, reference_vlm,
+                      run_stage, tiny_config)
+from model.vision import VisionEncoder
+from model.vlm import MiniMindVLM
 
 pytestmark = pytest.mark.cuda
 
@@ -41,31 +44,41 @@ def test_feature_cache_on_the_gpu_matches_live(tmp_path, data, tiny_clip_dir):
 
 
 def test_generation_on_the_gpu_gives_the_pinned_answers(tmp_path):
-    with open(os.path.join(ROOT, "tests", "data", "greedy_reference.json"), encoding="utf-8") as f:
-        expected = json.load(f)
+    expected = pinned_reference()
     model = reference_vlm(tmp_path).to("cuda")
-    for name, case in reference_inputs()["generate"].items():
-        on_gpu = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-        tokens = model.generate(on_gpu.pop("input_ids"), max_new_tokens=24, eos_token_id=-1, **on_gpu)
+    for name, input_ids, kwargs in reference_prompts("cuda"):
+        tokens = model.generate(input_ids, max_new_tokens=24, eos_token_id=-1, **kwargs)
         assert tokens.cpu().tolist() == expected[name], name
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["cuda_graph", "compiled_cuda_graph"])
 def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, compile):
-    """The decoding step replayed as a CUDA graph (also compiled), over enough tokens that the
-    cache grows and the graph is captured again: the tokens of eager decoding, and the pinned ones."""
-    with open(os.path.join(ROOT, "tests", "data", "greedy_reference.json"), encoding="utf-8") as f:
-        expected = json.load(f)
+    """The decoding step replayed as a CUDA graph (also compiled, which must not fall back to
+    eager), over enough tokens that the cache grows and the graph is captured again: the tokens
+    of eager decoding, and the pinned ones."""
+    expected = pinned_reference()
     model = reference_vlm(tmp_path).to("cuda")
-    for name, case in reference_inputs()["generate"].items():
-        on_gpu = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-        input_ids = on_gpu.pop("input_ids")
+    for name, input_ids, kwargs in reference_prompts("cuda"):
         model.compile_decoding(False, False)
-        eager = model.generate(input_ids, max_new_tokens=80, eos_token_id=-1, **on_gpu)
+        eager = model.generate(input_ids, max_new_tokens=80, eos_token_id=-1, **kwargs)
         model.compile_decoding(compile, True)
-        replayed = model.generate(input_ids, max_new_tokens=80, eos_token_id=-1, **on_gpu)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="torch.compile of the decoding step failed")
+            replayed = model.generate(input_ids, max_new_tokens=80, eos_token_id=-1, **kwargs)
         assert torch.equal(replayed, eager), name
         assert replayed[:, :24].cpu().tolist() == expected[name], name
+
+
+def test_moe_decoding_asked_for_a_cuda_graph_decodes_as_eager(tiny_clip_dir):
+    """An MoE model routes tokens to experts by data, which a CUDA graph cannot capture: asked
+    for one (as --compile does), it decodes without, as eager does."""
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_config(vision_model_path=tiny_clip_dir, use_moe=True),
+                        VisionEncoder.from_pretrained(tiny_clip_dir)).eval().to("cuda")
+    input_ids = torch.tensor([[1, 320, 275, 201, 3456, 789, 1234, 2, 201, 1, 1078, 538, 201]], device="cuda")
+    eager = model.generate(input_ids, max_new_tokens=40, eos_token_id=-1)
+    model.compile_decoding(compile=False, cuda_graph=True)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=40, eos_token_id=-1), eager)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DDP over nccl needs two GPUs")

@@ -312,6 +312,27 @@ def test_fixed_shape_decoding_step_gives_the_forward_logits(tiny_vlm, tokenizer)
     assert cache.capacity == 256
 
 
+def test_a_failed_compile_falls_back_to_eager_once(tiny_vlm, tokenizer):
+    """Should torch.compile fail (no C++ compiler, ...), decoding warns once and goes on
+    eagerly with the same tokens: neither later tokens nor a later generation try again."""
+    prompts = _prompts(tokenizer, tiny_vlm)
+    ids = torch.tensor([prompts[0]])
+    kw = dict(max_new_tokens=80, eos_token_id=-1, pixel_values=torch.randn(1, 3, 224, 224))
+    eager = tiny_vlm.generate(ids, **kw)
+    attempts = []
+
+    def failing_compile(*args):
+        attempts.append(args)
+        raise RuntimeError("no C++ compiler")
+
+    tiny_vlm.__dict__["_compiled_step"] = failing_compile   # what compile_decoding(True, False) sets
+    with pytest.warns(UserWarning, match="decoding eagerly") as warned:
+        first = tiny_vlm.generate(ids, **kw)
+    second = tiny_vlm.generate(ids, **kw)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert len(attempts) == 1 and len(warned) == 1
+
+
 def test_inference_copies_follow_weight_changes(tiny_vlm, tokenizer):
     """Without gradients the stacked (q/k/v, gate/up) and output matmuls read transposed copies
     of the weights. The copies must follow every change of the weights (in place, as an

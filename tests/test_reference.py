@@ -14,34 +14,25 @@ import warnings
 import pytest
 import torch
 
-from conftest import ROOT, reference_inputs, reference_vlm
-
-REFERENCE = os.path.join(ROOT, "tests", "data", "greedy_reference.json")
+from conftest import REFERENCE, ROOT, pinned_reference, reference_inputs, reference_prompts, reference_vlm
 
 
 def compute(tmp_dir, compiled=False):
     model = reference_vlm(tmp_dir)
     if compiled:
         model.compile_decoding(cuda_graph=False)
-    cases = reference_inputs()
     out = {}
     with torch.no_grad():
-        for name, case in cases["generate"].items():
-            tokens = model.generate(case["input_ids"], attention_mask=case.get("attention_mask"),
-                                    max_new_tokens=24, eos_token_id=-1,
-                                    repetition_penalty=case.get("repetition_penalty", 1.0),
-                                    use_cache=case.get("use_cache", True),
-                                    pixel_values=case.get("pixel_values"))
-            out[name] = tokens.tolist()
-        batch = cases["loss"]
+        for name, input_ids, kwargs in reference_prompts():
+            out[name] = model.generate(input_ids, max_new_tokens=24, eos_token_id=-1, **kwargs).tolist()
+        batch = reference_inputs()["loss"]
         out["loss"] = float(model(batch["input_ids"], labels=batch["labels"],
                                   pixel_values=batch["pixel_values"]).loss)
     return out
 
 
 def test_greedy_answers_and_loss_match_the_stored_reference(tmp_path):
-    with open(REFERENCE, encoding="utf-8") as f:
-        expected = json.load(f)
+    expected = pinned_reference()
     got = compute(tmp_path)
     for name in expected:
         if name != "loss":
@@ -53,8 +44,7 @@ def test_greedy_answers_and_loss_match_the_stored_reference(tmp_path):
 def test_compiled_decoding_gives_the_reference_tokens(tmp_path):
     """torch.compile of the decoding step (3-eval_chat.py --compile) on this CPU: the same
     greedy tokens as eager, batched and not; it must compile, not quietly fall back to eager."""
-    with open(REFERENCE, encoding="utf-8") as f:
-        expected = json.load(f)
+    expected = pinned_reference()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="torch.compile of the decoding step failed")
         got = compute(tmp_path, compiled=True)

@@ -5,6 +5,8 @@ H.264 exactly enough to read the index back from any decoded frame.
 """
 import io
 import re
+import subprocess
+import sys
 import wave
 
 import av
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ROOT
 from model import video
 from model.video import VideoError, read_keyframes, write_video
 
@@ -268,3 +271,16 @@ def test_write_video_odd_sizes_and_bad_frames(tmp_path):
         write_video([], io.BytesIO())
     with pytest.raises(ValueError, match="uint8"):
         write_video([np.zeros((8, 8, 3))], io.BytesIO())
+
+
+def test_without_pyav_pictures_still_load_and_a_clip_fails_in_one_line():
+    """A machine without PyAV (a GPU box given only torch) still imports the data pipeline, so
+    it trains on pictures; a clip is a VideoError that names the missing package."""
+    code = ("import sys; sys.modules['av'] = None\n"   # makes `import av` fail as if not installed
+            "import dataset.vlm_dataset\n"
+            "from model.video import VideoError, read_keyframes\n"
+            "try:\n    read_keyframes(b'not read', name='clip.mp4')\n"
+            "except VideoError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "clip.mp4: videos need PyAV, which is not installed (pip install av)"
