@@ -43,6 +43,15 @@ def test_feature_cache_on_the_gpu_matches_live(tmp_path, data, tiny_clip_dir):
     assert len(np.load(folder / "keys.npy")) == 32
 
 
+def test_a_bf16_run_resumes_in_float16(tmp_path, data, tiny_clip_dir):
+    """A bf16 run keeps no loss-scaler state; resumed with --dtype float16 it goes on, its
+    scaler started afresh, instead of failing on the empty state."""
+    out, steps = tmp_path / "run", ("--from_scratch", "--device", "cuda", "--max_steps")
+    run_stage("pretrain", common(data, tiny_clip_dir, out, *steps, "2", "--dtype", "bfloat16"))
+    run_stage("pretrain", common(data, tiny_clip_dir, out, *steps, "4", "--dtype", "float16", "--resume"))
+    assert len(losses(out / "64_vlm_pretrain.pth")) == 4
+
+
 def test_generation_on_the_gpu_gives_the_pinned_answers(tmp_path):
     expected = pinned_reference()
     model = reference_vlm(tmp_path).to("cuda")

@@ -49,7 +49,7 @@ def encoder_fingerprint(encoder) -> str:
     h.update(json.dumps([encoder.layer_index, pre.squash, pre.size,
                          pre.processor.to_json_string()]).encode())
     for name, p in encoder.clip.state_dict().items():
-        t = p.detach().double()
+        t = p.detach().cpu().double()   # summed on the CPU: the same key whichever device runs CLIP
         h.update(f"{name}{tuple(t.shape)}{t.sum().item():.10e}{t.square().sum().item():.10e}".encode())
     return h.hexdigest()[:16]
 

@@ -392,7 +392,8 @@ def resume(args, run: Run, model, optimizer) -> Progress:
     check_same_global_batch(state, args.resume_path, args.batch_size, run.world, args.accumulation_steps)
     load_weights(model, state["model"], name=args.resume_path)
     optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:   # empty from a bf16, fp32 or CPU run: a float16 run starts its scaler afresh
+        run.scaler.load_state_dict(state["scaler"])
     if state["world_size"] == run.world:
         set_rng_state(state["rng"][run.rank])
     progress = Progress.from_state(state)
