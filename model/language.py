@@ -82,12 +82,16 @@ class KVCache:
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., features] as a matrix [rows, features]. Element-wise work that a matmul reads
-    is done on this 2-D view: compiled, the matmul then reads the result as it was written.
-    Done on [B, 1, features], torch.compile hands the matmul a view with a zero stride, which
-    the CPU matmul copies first: 25 copies per decoding step of the 512x8 model, about 0.2 ms
-    (docs/decode_speed.md)."""
-    return x.reshape(-1, x.shape[-1])
+    """x [..., features] as a matrix [rows, features], in inference. Element-wise work that a
+    matmul reads is done on this 2-D view: compiled, the matmul then reads the result as it was
+    written. Done on [B, 1, features], torch.compile hands the matmul a view with a zero stride,
+    which the CPU matmul copies first: 25 copies per decoding step of the 512x8 model, about
+    0.2 ms (docs/decode_speed.md). The values are the same either way.
+
+    With gradients x stays as it is: in the 2-D form the backward sums the weight gradients in
+    another order, the last bits differ, and the reduced demo's outcome was seen to hang on
+    those bits (docs/demo_notes.md)."""
+    return x if torch.is_grad_enabled() else x.reshape(-1, x.shape[-1])
 
 
 class RMSNorm(nn.Module):
