@@ -46,7 +46,10 @@ PLANS = {
     # they do not overfit at this size.
     # The two-picture stage takes batches of 16: the extra updates help "which picture has X?"
     # more than another epoch would. The video stage takes 6 epochs: telling a still shape from
-    # one that starts where it stands is learnt last. What was measured: docs/demo_notes.md.
+    # one that starts where it stands is learnt last. The quick two-picture stage takes 2
+    # epochs: its first steps (a new prompt layout, loss ~4) unsettle what SFT taught, and one
+    # epoch stopped there, colour anywhere from 20% to 100% on last-bit differences in training.
+    # What was measured: docs/demo_notes.md.
     "full": dict(n_pretrain=6000, n_sft=5000, n_multi=3000, n_rehearsal=500, n_heldout=480,
                  pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=2, lr=2e-3, batch_size=32),
                  multi=dict(epochs=5, lr=2e-3, batch_size=16),
@@ -54,7 +57,7 @@ PLANS = {
                  video=dict(epochs=6, lr=1e-3, batch_size=16)),
     "quick": dict(n_pretrain=2000, n_sft=2000, n_multi=400, n_rehearsal=400, n_heldout=120,
                   pretrain=dict(epochs=5, lr=3e-3, batch_size=32), sft=dict(epochs=1, lr=2e-3, batch_size=32),
-                  multi=dict(epochs=1, lr=1e-3, batch_size=32),
+                  multi=dict(epochs=2, lr=1e-3, batch_size=32),
                   n_video=200, n_video_heldout=40, n_video_rehearsal=50,
                   video=dict(epochs=1, lr=1e-3, batch_size=16)),
 }

@@ -3,7 +3,7 @@ the step of the ORIGINAL MiniMind-V v1 training loop.
 
     python bench/bench_train.py                              # ~2-4 minutes on a 2-core CPU
     python bench/bench_train.py --steps 1 --samples 16       # smoke run (CI)
-    python bench/bench_train.py --device cuda                # bf16 autocast, fused AdamW, MFU
+    python bench/bench_train.py --device cuda                # bf16 autocast, MFU
     python bench/bench_train.py --compile                    # our rows with compiled blocks (--compile)
 
 One JSON object on stdout, progress on stderr. Four rows, on the same random weights, timed over
@@ -398,8 +398,7 @@ class OursStep:
                                                 dtype="bfloat16" if device.type == "cuda" else "float32"))
         self.model, self.device, self.features, self.train_llm = model, device, features, train_llm
         self.activate()
-        self.optimizer = model.configure_optimizer(0.01, LEARNING_RATE, betas=(0.9, 0.95),
-                                                   fused=self.run.cuda or None)
+        self.optimizer = model.configure_optimizer(0.01, LEARNING_RATE, betas=(0.9, 0.95))
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def activate(self):

@@ -349,13 +349,17 @@ class MiniMindLM(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), fused=None):
+    def configure_optimizer(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
         """AdamW over the trainable parameters, decaying only matrices (linear and embedding
-        weights); norms and biases keep their scale, as weight decay would only shrink them."""
+        weights); norms and biases keep their scale, as weight decay would only shrink them.
+        Fused (one kernel over all parameters) on CUDA and on the CPU: on the CPU the step of
+        the 512x8 model took 42 ms instead of 180 ms (docs/bench_train.md)."""
         trainable = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas, fused=fused)
+        fused = bool(trainable) and trainable[0].device.type in ("cuda", "cpu")
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, betas=betas,
+                                 fused=fused or None)
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,

@@ -485,6 +485,40 @@ def test_sampling_filters():
     assert sample_next(logits, 0.0, 0, 1.0).tolist() == [0] * 200
 
 
+def test_optimizer_decays_matrices_only_and_is_fused_on_the_cpu():
+    """configure_optimizer: AdamW over the trainable parameters only, weight decay on matrices
+    only, and the fused kernel on the CPU, whose steps match the default (for-each) AdamW's up
+    to float rounding."""
+    torch.manual_seed(0)
+    model = MiniMindVLM(tiny_config())
+    model.tok_embeddings.requires_grad_(False)
+    opt = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-2)
+    decayed, plain = opt.param_groups
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in decayed["params"] + plain["params"]} == {id(p) for p in trainable}
+    assert all(p.dim() == 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.1, 0.0)
+    assert decayed["fused"] is True
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = MiniMindVLM(tiny_config())
+    reference.load_state_dict(before)
+    reference.tok_embeddings.requires_grad_(False)
+    ref_opt = torch.optim.AdamW([{"params": [p for p in reference.parameters() if p.requires_grad and p.dim() == 2],
+                                  "weight_decay": 0.1},
+                                 {"params": [p for p in reference.parameters() if p.requires_grad and p.dim() == 1],
+                                  "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95))
+    ids = torch.randint(40, 6400, (2, 12))
+    for m, o in ((model, opt), (reference, ref_opt)):
+        for _ in range(3):
+            o.zero_grad()
+            m(ids, labels=ids).loss.backward()
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(model.layers[0].attention.wq.weight, before["layers.0.attention.wq.weight"])
+
+
 # ---------------------------------------------------------------- MoE
 def test_moe_trains_and_generates():
     torch.manual_seed(0)

@@ -76,8 +76,7 @@ def train(args) -> int:
     data = build_data(args, run, tokenizer, args.data_path, args.images_path, encoder)
     val = build_data(args, run, tokenizer, args.val_data, args.val_images_path or args.images_path,
                      encoder, validation=True) if args.val_data else None
-    optimizer = model.configure_optimizer(args.weight_decay, args.learning_rate, betas=(0.9, 0.95),
-                                          fused=run.cuda or None)
+    optimizer = model.configure_optimizer(args.weight_decay, args.learning_rate, betas=(0.9, 0.95))
     total_steps = data.steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
