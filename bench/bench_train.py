@@ -100,6 +100,12 @@ CUDA, best of 5, same thread count). For the cached rows `useful_gflops` counts 
 the step needs, over real tokens only, divided by the step time; the exact rule is printed in
 the JSON as `useful_gflops_counting`; `gemm_fraction` = useful / peak. On CUDA, `mfu` divides
 the same useful FLOP/s by --peak_tflops (the data-sheet dense bf16 peak, 989 for an H100 SXM).
+What the step's shapes allow: each cached row then runs once more on each of the first 3 timed
+batches (untimed) with every matrix multiply it dispatches recorded (forward and backward: op,
+shapes, strides, dtype), and those same calls are timed again back to back on random operands,
+with nothing between them (best of 2 after a warm-up pass). `matmuls_alone_gemm_fraction` is the useful FLOPs over that time, as
+a fraction of the peak: the GEMM fraction the step would reach if everything but its matmuls
+cost nothing. `matmuls_alone_share_of_step` is that time over those batches' timed steps.
 Peak memory per row: what a process running that row alone would need: the assets all rows
 share (CLIP, the decoder, the samples) plus the row's own peak increase over its first step
 (optimizer state, activations, gradients): torch.cuda.max_memory_allocated on CUDA, on CPU the
@@ -121,6 +127,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from machine import cpu_name  # same folder
 
@@ -135,6 +142,7 @@ ROWS = ("v1_original", "ours_live_all_trained", "ours_cached_all_trained", "ours
 CACHED_ROWS = ("ours_cached_all_trained", "ours_default_projector_only")
 LEARNING_RATE = 4e-4          # the pretrain learning rate of v1 and of ours (a constant here)
 GRAD_CLIP = 1.0               # v1's default and ours
+MATMULS_ALONE_BATCHES = 3     # timed batches whose matmuls are also run alone (see measure_matmuls_alone)
 PICTURE_SIZE = 224
 
 # Token ids of the MiniMind chat template (the tokenizer of model/minimind_tokenizer).
@@ -489,6 +497,64 @@ def measure_gemm_peak_gflops(device: torch.device) -> dict:
             "how": f"{str(dtype).replace('torch.', '')} {size}x{size} @ {size}x{size}, best of 5"}
 
 
+class MatmulRecorder(TorchDispatchMode):
+    """Notes every matrix multiply dispatched while active, forward and backward alike: the op
+    and the layout (shape, strides, dtype) of each operand, so that `time_matmuls_alone` can run
+    the same calls again without the rest of the step."""
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+               torch.ops.aten.baddbmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.MATMULS:
+            layout = [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls.append((func, layout, kwargs))
+        return func(*args, **kwargs)
+
+
+def operand(layout, device: torch.device) -> torch.Tensor:
+    """A random tensor with `layout`'s shape, strides (transposed, broadcast) and dtype."""
+    shape, stride, dtype = layout
+    storage = 1 + sum((n - 1) * st for n, st in zip(shape, stride) if n > 0)
+    return torch.randn(storage, device=device).to(dtype).as_strided(shape, stride)
+
+
+def time_matmuls_alone(calls, device: torch.device, repeats: int = 2) -> float:
+    """Seconds the recorded matmuls take run back to back with nothing between them (best of
+    `repeats`, after one untimed pass): what the step would cost if it were only its matmuls."""
+    prepared = [(func, [operand(a, device) if isinstance(a, tuple) else a for a in layout], kwargs)
+                for func, layout, kwargs in calls]
+    best = math.inf
+    for attempt in range(repeats + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for func, args, kwargs in prepared:
+            func(*args, **kwargs)
+        synchronize(device)
+        if attempt:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_matmuls_alone(step, batches: List[List[Sample]], device: torch.device, compiled: bool) -> List[dict]:
+    """Runs `step` once more on each batch (untimed; compiled blocks run eagerly, their matmuls
+    are the same) to record its matmuls, then times them alone: per batch, its matmul calls and
+    the seconds they take."""
+    measured = []
+    for samples in batches:
+        step.activate()
+        collated = step.collate(samples)
+        eager = torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+        with eager, MatmulRecorder() as recorder:
+            step(collated)
+        measured.append({"calls": len(recorder.calls), "seconds": time_matmuls_alone(recorder.calls, device)})
+    return measured
+
+
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -645,10 +711,13 @@ def main(argv=None):
     for name in ROWS:
         steps[name], memory[name] = build_and_warm_up(name, makers[name], batches[0], shared_mib, device)
     timings = time_interleaved(steps, batches, args.steps, device)
+    timed_batches = [batches[(k + 1) % n_batches] for k in range(args.steps)]
+    alone_batches = timed_batches[:MATMULS_ALONE_BATCHES]
+    log(f"the cached rows' matmuls alone, on the first {len(alone_batches)} timed batches")
+    alone = {name: measure_matmuls_alone(steps[name], alone_batches, device, args.compile) for name in CACHED_ROWS}
     gemm_again = measure_gemm_peak_gflops(device)          # the best of before and after the rows
     gemm = max(gemm, gemm_again, key=lambda g: g["gflops"])
 
-    timed_batches = [batches[(k + 1) % n_batches] for k in range(args.steps)]
     timed = [s for b in timed_batches for s in b]
     rows = {}
     for name in ROWS:
@@ -661,6 +730,13 @@ def main(argv=None):
             flops = sum(useful_flops(model, b, train_llm) for b in timed_batches)
             row["useful_gflops"] = round(flops / seconds / 1e9, 2)
             row["gemm_fraction"] = round(row["useful_gflops"] / gemm["gflops"], 3)
+            # Over the batches measured alone, against those same batches' timed steps.
+            n = len(alone[name])
+            matmul_s = sum(m["seconds"] for m in alone[name])
+            alone_flops = sum(useful_flops(model, b, train_llm) for b in timed_batches[:n])
+            row["matmul_calls_per_step"] = sum(m["calls"] for m in alone[name]) / n
+            row["matmuls_alone_share_of_step"] = round(matmul_s / sum(timings[name]["step_s"][:n]), 3)
+            row["matmuls_alone_gemm_fraction"] = round(alone_flops / matmul_s / 1e9 / gemm["gflops"], 3)
             if cuda:
                 row["mfu"] = round(flops / seconds / (args.peak_tflops * 1e12), 4)
         row["trained_params_m"] = round(sum(p.numel() for p in steps[name].params) / 1e6, 3)

@@ -47,6 +47,11 @@ def check_bench_train_report(report, device):
     assert report["gemm_peak_gflops"] > 0 and report["useful_gflops_counting"]
     for name in CACHED_TRAIN_ROWS:
         assert results[name]["useful_gflops"] > 0 and results[name]["gemm_fraction"] > 0, name
+        # The step's matmuls, recorded and replayed alone: 8 layers x (qkv, wo, gate/up, w2) forward
+        # and their input gradients at least (the projector-only row trains no decoder weight).
+        assert results[name]["matmul_calls_per_step"] >= 8 * 4 * 2, name
+        assert results[name]["matmuls_alone_gemm_fraction"] > 0, name
+        assert 0 < results[name]["matmuls_alone_share_of_step"], name
         assert ("mfu" in results[name]) == (device == "cuda"), name
     assert report["v1_positions_per_sample"] == 511       # v1 padded every sample to max_seq_len 512
 
