@@ -103,9 +103,10 @@ the same useful FLOP/s by --peak_tflops (the data-sheet dense bf16 peak, 989 for
 What the step's shapes allow: each cached row then runs once more on each of the first 3 timed
 batches (untimed) with every matrix multiply it dispatches recorded (forward and backward: op,
 shapes, strides, dtype), and those same calls are timed again back to back on random operands,
-with nothing between them (best of 2 after a warm-up pass). `matmuls_alone_gemm_fraction` is the useful FLOPs over that time, as
-a fraction of the peak: the GEMM fraction the step would reach if everything but its matmuls
-cost nothing. `matmuls_alone_share_of_step` is that time over those batches' timed steps.
+with nothing between them (best of 2 after a warm-up pass). `matmuls_alone_gemm_fraction` is
+the useful FLOPs over that time, as a fraction of the peak: the GEMM fraction the step would
+reach if everything but its matmuls cost nothing. `matmuls_alone_share_of_step` is that time
+over those batches' timed steps.
 Peak memory per row: what a process running that row alone would need: the assets all rows
 share (CLIP, the decoder, the samples) plus the row's own peak increase over its first step
 (optimizer state, activations, gradients): torch.cuda.max_memory_allocated on CUDA, on CPU the
