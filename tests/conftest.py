@@ -2,10 +2,14 @@
 
 Nothing here downloads anything; every model is built from a seed and written to a temp folder.
 """
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -186,10 +190,32 @@ def eval_picture(i=0):
     return sorted(os.listdir(EVAL))[i]
 
 
-def run_cli(*args, stdin=None, timeout=120):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
-    return subprocess.run([sys.executable, CLI, *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+def load_cli():
+    """3-eval_chat.py as a module (its main(argv) returns the exit code), loaded once."""
+    global _cli
+    if _cli is None:
+        spec = importlib.util.spec_from_file_location("eval_chat", CLI)
+        _cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_cli)
+    return _cli
+
+
+_cli = None
+
+
+def run_cli(*args, stdin=""):
+    """A run of 3-eval_chat.py: its main(args) in this process, reading `stdin` and printing
+    into strings, returned as a CompletedProcess. In a subprocess each run would spend about
+    6 s importing torch and transformers; the tests that need a real process (bytes on stdin,
+    the script's own start-up) start one themselves."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(sys, "stdin", io.StringIO(stdin)):
+        try:
+            code = load_cli().main(list(args))
+        except SystemExit as e:   # argparse: a usage error is exit code 2, its message on stderr
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 # ---------------------------------------------------------------- training runs

@@ -1,6 +1,5 @@
 """Answering many questions at once: model.inference.answer_batch / iter_answers, the
 3-eval_chat.py --batch_size and --questions flags, and bench/bench_eval.py's smoke run."""
-import importlib.util
 import json
 import os
 import shutil
@@ -10,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import CLI, EVAL, ROOT, eval_picture, save_tiny_checkpoint
+from conftest import EVAL, ROOT, eval_picture, load_cli, save_tiny_checkpoint
 from model import inference as inf
 from model.vision import load_image
 
@@ -31,10 +30,7 @@ def model(weights, tiny_clip_dir):
 def chat():
     """3-eval_chat.py as a module: main(argv) in this process (a subprocess per run would spend
     most of its time importing torch)."""
-    spec = importlib.util.spec_from_file_location("eval_chat_batched", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_cli()
 
 
 def picture(i):

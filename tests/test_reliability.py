@@ -4,7 +4,6 @@ traceback for a user's mistake.
 Checked from the outside wherever it can be (script exit codes and stderr, files on disk), so
 each test says what a user sees, whatever the code behind it looks like.
 """
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,11 +11,13 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
-from conftest import CLI, EVAL, ROOT, common, eval_picture, losses, make_data, run_cli, save_tiny_checkpoint
+from conftest import (CLI, EVAL, ROOT, common, eval_picture, load_cli, losses, make_data, run_cli,
+                      save_tiny_checkpoint)
 from trainer.trainer import main
 
 PRETRAIN = os.path.join(ROOT, "1-pretrain_vlm.py")
@@ -71,14 +72,11 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory):
-    """3-eval_chat.py loaded as a module (its main(argv) returns the exit code), plus a tiny
-    checkpoint to talk to."""
-    spec = importlib.util.spec_from_file_location("eval_chat", CLI)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    folder = tmp_path_factory.mktemp("chat")
-    module.weights = save_tiny_checkpoint(folder / "64_vlm_sft.pth")
-    return module
+    """3-eval_chat.py's main(argv) (returns the exit code) and parse_args, plus a tiny checkpoint
+    to talk to."""
+    cli = load_cli()
+    weights = save_tiny_checkpoint(tmp_path_factory.mktemp("chat") / "64_vlm_sft.pth")
+    return types.SimpleNamespace(main=cli.main, parse_args=cli.parse_args, weights=weights)
 
 
 def chat_args(chat, clip, *extra, weights=None):
