@@ -188,26 +188,31 @@ def test_cli_multi_asks_one_question_about_both_birds(out_dir, tiny_clip_dir):
 
 
 def test_cli_compile_answers_as_eager(out_dir, tiny_clip_dir, monkeypatch):
-    """--compile sends the decoding step through torch.compile, and the greedy answer stays the
-    same (compiling does not fall back). Traced by dynamo with its eager backend: the C++ that
-    inductor would generate is checked by tests/test_reference.py's compiled test (the same
-    tokens as eager, batched and not), and here would cost half a minute for nothing new."""
+    """--compile sends the decoding step through torch.compile, dynamo turns it into a graph,
+    and the greedy answer stays the same (compiling does not fall back). The graph runs as
+    traced, without inductor: the C++ that inductor generates is checked by
+    tests/test_reference.py's compiled test (the same tokens as eager, batched and not), and
+    here it would cost half a minute for nothing new."""
     picture = os.path.join(EVAL, eval_picture())
-    traced = []
+    compiled_functions, graphs = [], []
     real_compile = torch.compile
 
-    def compile_with_eager_backend(fn, **kwargs):
-        kwargs.pop("options", None)   # inductor's options
-        traced.append(fn.__name__)
-        return real_compile(fn, backend="eager", **kwargs)
+    def record_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    def compile_without_inductor(fn, **kwargs):
+        kwargs.pop("options", None)   # inductor's
+        compiled_functions.append(fn.__name__)
+        return real_compile(fn, backend=record_graph, **kwargs)
 
     eager = run_cli(*cli_args(out_dir, tiny_clip_dir, "--image", picture))
-    monkeypatch.setattr(torch, "compile", compile_with_eager_backend)
+    monkeypatch.setattr(torch, "compile", compile_without_inductor)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="torch.compile of the decoding step failed")
         compiled = run_cli(*cli_args(out_dir, tiny_clip_dir, "--image", picture, "--compile"))
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
-    assert traced == ["decode_step"]
+    assert compiled_functions == ["decode_step"] and graphs   # traced, not skipped by dynamo
     assert compiled.stdout == eager.stdout and json.loads(eager.stdout)["answer"]
 
 
