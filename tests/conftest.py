@@ -190,6 +190,9 @@ def eval_picture(i=0):
     return sorted(os.listdir(EVAL))[i]
 
 
+_cli = None
+
+
 def load_cli():
     """3-eval_chat.py as a module (its main(argv) returns the exit code), loaded once."""
     global _cli
@@ -198,9 +201,6 @@ def load_cli():
         _cli = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(_cli)
     return _cli
-
-
-_cli = None
 
 
 def run_cli(*args, stdin=""):
