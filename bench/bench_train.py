@@ -728,13 +728,14 @@ def main(argv=None):
                "step_s": [round(t, 3) for t in timings[name]["step_s"]]}
         if name in CACHED_ROWS:
             train_llm = name != "ours_default_projector_only"
-            flops = sum(useful_flops(model, b, train_llm) for b in timed_batches)
+            batch_flops = [useful_flops(model, b, train_llm) for b in timed_batches]
+            flops = sum(batch_flops)
             row["useful_gflops"] = round(flops / seconds / 1e9, 2)
             row["gemm_fraction"] = round(row["useful_gflops"] / gemm["gflops"], 3)
             # Over the batches measured alone, against those same batches' timed steps.
             n = len(alone[name])
             matmul_s = sum(m["seconds"] for m in alone[name])
-            alone_flops = sum(useful_flops(model, b, train_llm) for b in timed_batches[:n])
+            alone_flops = sum(batch_flops[:n])
             row["matmul_calls_per_step"] = sum(m["calls"] for m in alone[name]) / n
             row["matmuls_alone_share_of_step"] = round(matmul_s / sum(timings[name]["step_s"][:n]), 3)
             row["matmuls_alone_gemm_fraction"] = round(alone_flops / matmul_s / 1e9 / gemm["gflops"], 3)
