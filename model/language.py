@@ -71,6 +71,14 @@ class KVCache:
                     store[i] = buf.new_zeros(batch_size, *buf.shape[1:])
                 store[i][rows] = buf
 
+    def keep_rows(self, rows: torch.Tensor):
+        """Keep only these rows of the batch, in this order (batched generation drops the rows
+        that have finished)."""
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                if buf is not None:
+                    store[i] = buf[rows]
+
     def grow(self, capacity: int):
         """Move every buffer into a zeroed one of `capacity` positions."""
         for store in (self.keys, self.values):
@@ -581,12 +589,18 @@ class MiniMindLM(nn.Module):
         # filled positions without a mask is faster (docs/decode_speed.md).
         fixed_shapes = self.__dict__.get("_compiled_step") is not None or bool(
             self.__dict__.get("_cuda_graph") and input_ids.is_cuda)
+        # The batch rows still being decoded (None: all of them). Eager, rows that have finished
+        # leave the batch (see `_drop_finished`): the logits, cache, masks and `seen` below
+        # then hold only the `live` rows, in this order.
+        live = None
         logits = self._prefill(embeds, mask, cache)
         for n in range(max_new_tokens):
             logits = logits.float()
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             next_tok = sample_next(logits, temperature, top_k, top_p)
+            if live is not None:
+                next_tok = next_tok.new_full((B,), eos).index_copy_(0, live, next_tok)
             next_tok = torch.where(finished, torch.full_like(next_tok, eos), next_tok)
             finished |= next_tok == eos
             yield next_tok[:, None]
@@ -594,23 +608,49 @@ class MiniMindLM(nn.Module):
                 return
             if T + n + 1 > max_len:
                 raise ValueError(f"sequence of {T + n + 1} tokens exceeds max_seq_len={max_len}")
+            if B > 1 and not fixed_shapes:
+                dropped = self._drop_finished(finished, live, cache)
+                if dropped is not None:
+                    live, keep = dropped
+                    mask = mask[keep] if mask is not None else None
+                    seen = seen[keep] if seen is not None else None
+                    embeds = embeds if use_cache else embeds[keep]
+            fed = next_tok if live is None else next_tok[live]
             if seen is not None:
-                seen[torch.arange(B, device=seen.device), next_tok] = True
+                seen[torch.arange(len(fed), device=seen.device), fed] = True
             if use_cache and fixed_shapes:
                 if T + n == cache.capacity:   # full: a new shape, so a CUDA graph is captured again
                     cache.grow(min(2 * cache.capacity, max_len))
                     step = None
                 if step is None:
-                    step = self._step_function(next_tok[:, None], position, cache, pad_mask)
-                logits = step(next_tok[:, None], position)
+                    step = self._step_function(fed[:, None], position, cache, pad_mask)
+                logits = step(fed[:, None], position)
                 position += 1
             else:   # eager: the new token over the filled cache, or without a cache the whole sequence
                 if mask is not None:
-                    mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-                new = self.tok_embeddings(next_tok[:, None])
+                    mask = torch.cat([mask, mask.new_ones(len(fed), 1)], dim=1)
+                new = self.tok_embeddings(fed[:, None])
                 embeds = new if use_cache else torch.cat([embeds, new], dim=1)
                 logits = self(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
                               logits_to_keep=1).logits[:, -1]
+
+    @staticmethod
+    def _drop_finished(finished, live, cache: Optional[KVCache]):
+        """When at least a quarter of the rows still decoded have finished: (the rows kept, as
+        batch rows, and as positions among the rows decoded so far), with `cache` cut to them;
+        else None. A finished row would otherwise go through every later step for nothing; the
+        longest answer of a batch sets its number of steps. Waiting for a quarter bounds the
+        copies of the cache: at most 15 for a batch of 64, each making every later step 25%
+        cheaper. Not for fixed-shape steps (compiled, CUDA graphs), where a new batch size
+        would mean compiling or capturing again."""
+        done = finished if live is None else finished[live]
+        n_done = int(done.sum())
+        if 4 * n_done < len(done):
+            return None
+        keep = (~done).nonzero()[:, 0]
+        if cache is not None:
+            cache.keep_rows(keep)
+        return (keep if live is None else live[keep]), keep
 
 
 class CUDAGraphStep:

@@ -451,6 +451,33 @@ def test_batched_generation_equals_one_by_one(tiny_vlm, tokenizer):
         assert torch.equal(row, single)
 
 
+@pytest.mark.parametrize("use_cache,penalty", [(True, 1.0), (True, 1.3), (False, 1.0)])
+def test_finished_rows_leave_the_batch(tiny_vlm, tokenizer, use_cache, penalty):
+    """A row that has reached its eos is dropped from the later steps (cache, masks and the
+    repetition penalty's record follow), and every row's tokens stay those of one by one."""
+    prompts = _prompts(tokenizer, tiny_vlm)
+    kw = dict(max_new_tokens=12, repetition_penalty=penalty, use_cache=use_cache)
+    pixels = torch.randn(3, 3, 224, 224)                      # 1, 0 and 2 pictures
+    per_row = [pixels[:1], None, pixels[1:]]
+    singles = [tiny_vlm.generate(torch.tensor([p]), pixel_values=px, eos_token_id=-1, **kw)[0].tolist()
+               for p, px in zip(prompts, per_row)]
+    eos = singles[0][2]                     # row 0 ends with its third token
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    rows_per_call = []
+    hook = tiny_vlm.layers[0].register_forward_pre_hook(lambda _, args: rows_per_call.append(args[0].shape[0]))
+    try:
+        batched = tiny_vlm.generate(ids, attention_mask=mask, pixel_values=pixels, eos_token_id=eos, **kw)
+    finally:
+        hook.remove()
+    assert batched.shape[1] > 3                               # another row went on after row 0 ended
+    assert min(rows_per_call) < len(prompts)                  # ... without row 0
+    for row, single in zip(batched.tolist(), singles):
+        end = single.index(eos) + 1 if eos in single else len(single)
+        assert row == single[:end] + [eos] * (len(row) - end)
+
+
 def test_streaming_and_eos_stop(tiny_vlm, tokenizer):
     ids = torch.tensor([_prompts(tokenizer, tiny_vlm)[1]])
     whole = tiny_vlm.generate(ids, max_new_tokens=15, eos_token_id=-1)
