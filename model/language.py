@@ -640,9 +640,9 @@ class MiniMindLM(nn.Module):
         batch rows, and as positions among the rows decoded so far), with `cache` cut to them;
         else None. A finished row would otherwise go through every later step for nothing; the
         longest answer of a batch sets its number of steps. Waiting for a quarter bounds the
-        copies of the cache: at most 15 for a batch of 64, each making every later step 25%
-        cheaper. Not for fixed-shape steps (compiled, CUDA graphs), where a new batch size
-        would mean compiling or capturing again."""
+        copies of the cache: at most 12 for a batch of 64, each leaving every later step at
+        least a quarter fewer rows. Not for fixed-shape steps (compiled, CUDA graphs), where a
+        new batch size would mean compiling or capturing again."""
         done = finished if live is None else finished[live]
         n_done = int(done.sum())
         if 4 * n_done < len(done):
