@@ -590,7 +590,7 @@ class MiniMindLM(nn.Module):
         fixed_shapes = self.__dict__.get("_compiled_step") is not None or bool(
             self.__dict__.get("_cuda_graph") and input_ids.is_cuda)
         # The batch rows still being decoded (None: all of them). Eager, rows that have finished
-        # leave the batch (see `_drop_finished`): the logits, cache, masks and `seen` below
+        # leave the batch (see `rows_to_keep`): the logits, cache, masks and `seen` below
         # then hold only the `live` rows, in this order.
         live = None
         logits = self._prefill(embeds, mask, cache)
@@ -608,13 +608,14 @@ class MiniMindLM(nn.Module):
                 return
             if T + n + 1 > max_len:
                 raise ValueError(f"sequence of {T + n + 1} tokens exceeds max_seq_len={max_len}")
-            if B > 1 and not fixed_shapes:
-                dropped = self._drop_finished(finished, live, cache)
-                if dropped is not None:
-                    live, keep = dropped
-                    mask = mask[keep] if mask is not None else None
-                    seen = seen[keep] if seen is not None else None
-                    embeds = embeds if use_cache else embeds[keep]
+            keep = None if B == 1 or fixed_shapes else rows_to_keep(finished if live is None else finished[live])
+            if keep is not None:   # everything that holds one row per live row follows
+                live = keep if live is None else live[keep]
+                if cache is not None:
+                    cache.keep_rows(keep)
+                mask = mask[keep] if mask is not None else None
+                seen = seen[keep] if seen is not None else None
+                embeds = embeds if use_cache else embeds[keep]
             fed = next_tok if live is None else next_tok[live]
             if seen is not None:
                 seen[torch.arange(len(fed), device=seen.device), fed] = True
@@ -633,24 +634,6 @@ class MiniMindLM(nn.Module):
                 embeds = new if use_cache else torch.cat([embeds, new], dim=1)
                 logits = self(inputs_embeds=embeds, attention_mask=mask, past_key_values=cache, use_cache=use_cache,
                               logits_to_keep=1).logits[:, -1]
-
-    @staticmethod
-    def _drop_finished(finished, live, cache: Optional[KVCache]):
-        """When at least a quarter of the rows still decoded have finished: (the rows kept, as
-        batch rows, and as positions among the rows decoded so far), with `cache` cut to them;
-        else None. A finished row would otherwise go through every later step for nothing; the
-        longest answer of a batch sets its number of steps. Waiting for a quarter bounds the
-        copies of the cache: at most 12 for a batch of 64, each leaving every later step at
-        least a quarter fewer rows. Not for fixed-shape steps (compiled, CUDA graphs), where a
-        new batch size would mean compiling or capturing again."""
-        done = finished if live is None else finished[live]
-        n_done = int(done.sum())
-        if 4 * n_done < len(done):
-            return None
-        keep = (~done).nonzero()[:, 0]
-        if cache is not None:
-            cache.keep_rows(keep)
-        return (keep if live is None else live[keep]), keep
 
 
 class CUDAGraphStep:
@@ -710,6 +693,19 @@ def prefill_groups(lengths: List[int], group_cost: int = PREFILL_GROUP_COST) -> 
         groups.append(([i for i, n in enumerate(lengths) if n in members], widths[end - 1]))
         end = start
     return groups[::-1]
+
+
+def rows_to_keep(done: torch.Tensor) -> Optional[torch.Tensor]:
+    """Batched generation: the positions of the rows still decoding, once at least a quarter of
+    the rows decoded so far are `done` (else None: all rows go on). A finished row would
+    otherwise go through every later step for nothing, the longest answer of a batch setting
+    its number of steps. Waiting for a quarter bounds the copies of the cache that dropping
+    rows costs: at most 12 for a batch of 64, each leaving every later step at least a quarter
+    fewer rows. Not for fixed-shape steps (compiled, CUDA graphs), where a new batch size would
+    mean compiling or capturing again."""
+    if 4 * int(done.sum()) < len(done):
+        return None
+    return (~done).nonzero()[:, 0]
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float):
