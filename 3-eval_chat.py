@@ -98,8 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None, metavar="FILE", help="write --questions' JSON lines here, not stdout")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step (and on CUDA replay it as a CUDA graph): costs seconds "
-                        "once, pays off over long sessions (README: Speed)")
+                   help="torch.compile the decoding step (on CUDA it is replayed as a CUDA graph either way): "
+                        "costs seconds once, pays off over long sessions (README: Speed)")
     p.add_argument("--seed", type=int, default=None,
                    help="makes sampling reproducible. With temperature > 0 the answers depend on --batch_size "
                         "too (a batch's rows share the random draws); greedy answers do not")

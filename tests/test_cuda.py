@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import (ROOT, common, losses, make_data, pinned_reference, reference_prompts, reference_vlm,
-                      run_stage, tiny_config)
+                      run_stage, save_tiny_checkpoint, tiny_config)
+import model.language as language
 from model.vision import VisionEncoder
 from model.vlm import MiniMindVLM
 
@@ -76,6 +77,27 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(tmp_path, compile):
             replayed = model.generate(input_ids, max_new_tokens=80, eos_token_id=-1, **kwargs)
         assert torch.equal(replayed, eager), name
         assert replayed[:, :24].cpu().tolist() == expected[name], name
+
+
+def test_the_chat_model_on_cuda_decodes_through_a_cuda_graph(tmp_path, tiny_clip_dir, monkeypatch):
+    """load_model (the CLI's and the web demo's model) replays decoding as a CUDA graph on CUDA
+    without --compile: the graph is used, and its tokens are eager's."""
+    from model.inference import load_model
+
+    graphs = []
+
+    class CountedGraphStep(language.CUDAGraphStep):
+        def __init__(self, *args):
+            graphs.append(args)
+            super().__init__(*args)
+
+    monkeypatch.setattr(language, "CUDAGraphStep", CountedGraphStep)
+    model = load_model(save_tiny_checkpoint(tmp_path / "64_vlm_sft.pth"), tiny_clip_dir, device="cuda")
+    input_ids = torch.tensor([[1, 320, 275, 201, 3456, 789, 1234, 2, 201, 1, 1078, 538, 201]], device="cuda")
+    replayed = model.generate(input_ids, max_new_tokens=40, eos_token_id=-1)
+    assert graphs
+    model.compile_decoding(False, False)
+    assert torch.equal(model.generate(input_ids, max_new_tokens=40, eos_token_id=-1), replayed)
 
 
 def test_moe_decoding_asked_for_a_cuda_graph_decodes_as_eager(tiny_clip_dir):
