@@ -11,7 +11,7 @@ from conftest import TINY_CLIP_HIDDEN, tiny_config
 from model.checkpoint import (CheckpointError, atomic_save, build_vlm, config_from_state_dict,
                               load_weights, model_state_dict, read_state_dict)
 from model.config import IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER_IDS, VLMConfig
-from model.language import apply_repetition_penalty, prompt_tokens, sample_next
+from model.language import RMSNorm, apply_repetition_penalty, prompt_tokens, sample_next
 from model.prompt import count_placeholders, encode_chat_prompt, encode_conversation, encode_text
 from model.vision import VisionEncoder
 from model.vlm import MiniMindVLM
@@ -255,6 +255,24 @@ def test_direct_normalisation_equals_the_processor(tiny_clip_dir):
 def _prompts(tokenizer, model):
     texts = ["<image>\n这个图片描述的是什么内容？", "你好", "<image>\n<image>\n比较两张图片"]
     return [encode_chat_prompt(tokenizer, [{"role": "user", "content": t}], model.config.image_ids) for t in texts]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 512), (64, 1, 128), (2, 37, 768), (3, 64)])
+def test_rms_norm_at_inference_gives_the_bits_of_f_rms_norm(shape):
+    """Eager inference on the CPU normalises with the plain formula (faster there than
+    F.rms_norm): the same bits as F.rms_norm, which training, CUDA and compiled code use, so
+    decoding gives the same tokens whichever path ran."""
+    g = torch.Generator().manual_seed(sum(shape))
+    norm = RMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    for scale in (1e-3, 1.0, 30.0):
+        x = torch.randn(shape, generator=g) * scale
+        with torch.no_grad():
+            got = norm(x)
+        assert got.shape == x.shape
+        assert torch.equal(got, F.rms_norm(x, (shape[-1],), norm.weight.detach(), 1e-5))
+        assert torch.equal(got, norm(x).detach())   # with gradients: F.rms_norm itself
 
 
 def test_kv_cache_matches_full_recompute(tiny_vlm, tokenizer):
