@@ -129,9 +129,10 @@ def load_model(weights: str, vision_model_path: Optional[str] = None, device: st
 
     Without `vision_model_path` the vision model is the one an export recorded, else the first
     of the default and demo CLIP folders whose width fits the weights. On CUDA the decoding step
-    is replayed as a CUDA graph (`MiniMindLM.compile_decoding`): free to set up, and 4.8x the
-    eager tokens/s on an H200. `compile`: decoding steps also go through torch.compile; off by
-    default because compiling takes seconds that a short chat never earns back (README: Speed).
+    is replayed as a CUDA graph (`MiniMindLM.compile_decoding`): free to set up, and several
+    times eager's tokens/s (docs/gpu.md). `compile`: decoding steps also go through
+    torch.compile; off by default because compiling takes seconds that a short chat never earns
+    back (README: Speed).
     """
     try:
         sd = read_state_dict(weights)
