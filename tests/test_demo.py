@@ -25,7 +25,7 @@ def test_quick_demo_learns(tmp_path):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     acc, chance = report["accuracy"], report["chance"]
-    # The reduced run (3-8 minutes) learns colour, far above chance (1/6), from every starting
+    # The reduced run (2-8 minutes) learns colour, far above chance (1/6), from every starting
     # point tried (docs/demo_notes.md); the other question types need the full demo (README).
     assert acc["colour"] >= max(0.8, 4 * chance["colour"]), acc
     for stage, factor in (("pretrain", 3), ("sft", 3), ("sft_multi", 1.25)):

@@ -530,6 +530,16 @@ def test_sampling_filters():
     assert sample_next(logits, 0.0, 0, 1.0).tolist() == [0] * 200
 
 
+def test_greedy_picks_argmax_and_the_first_of_equal_maxima():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 6400)
+    logits[:, 7] = logits[:, 4000] = logits.max() + 1      # a tie in every row: the first wins
+    logits[1:8] = torch.randn(7, 6400)
+    picked = sample_next(logits, 0.0, 0, 1.0)
+    assert torch.equal(picked, logits.argmax(dim=-1))
+    assert picked[0].item() == 7 and picked[8:].eq(7).all()
+
+
 def test_optimizer_decays_matrices_only_and_is_fused_on_the_cpu():
     """configure_optimizer: AdamW over the trainable parameters only, weight decay on matrices
     only, and the fused kernel on the CPU, whose steps match the default (for-each) AdamW's up
