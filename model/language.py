@@ -185,6 +185,20 @@ class Stacked(nn.Module):
         refresh_inference_copy(self, "_stacked", [getattr(self, name).weight for name in self.stacked])
 
 
+def one_query_attention(q, k, v, mask):
+    """SDPA's result for one new position per row (a decoding step): q [B, heads, 1, D], k and v
+    [B, kv_heads, S, D], mask boolean (True: attend) or additive, broadcastable to [B, 1, 1, S].
+    As two batched matmuls, each key head's group of query heads in one: on the CPU, for a
+    batch of 16-64 rows, in 50-65% of the time of SDPA's flash kernel, which is built for many
+    queries (docs/batched_eval.md). At batch 1 the kernel is the faster one."""
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    scores = torch.matmul(q.reshape(B, K, H // K, D), k.transpose(-1, -2)) * D ** -0.5   # [B, K, H/K, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.float().softmax(dim=-1).type_as(v), v).view(B, H, 1, D)   # fp32 softmax, as SDPA
+
+
 class Attention(Stacked):
     stacked = ("wq", "wk", "wv")
 
@@ -207,13 +221,16 @@ class Attention(Stacked):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))   # [B, heads, T, D]
         if cache is not None:
             k, v = cache.update(layer, k, v, position)
-        # enable_gqa: query head h reads kv head h // (n_heads / n_kv_heads), as
-        # repeat_interleave would give, without materialising the repeated keys and values.
-        # mask None means "plain causal over new tokens with no cache" (the training case).
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_heads != self.n_kv_heads)
+        if T == 1 and B > 1 and x.device.type == "cpu":
+            out = one_query_attention(q, k, v, mask)
+        else:
+            # enable_gqa: query head h reads kv head h // (n_heads / n_kv_heads), as
+            # repeat_interleave would give, without materialising the repeated keys and values.
+            # mask None means "plain causal over new tokens with no cache" (the training case).
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_heads != self.n_kv_heads)
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.wo(out))
 
@@ -480,7 +497,9 @@ class MiniMindLM(nn.Module):
             return self.output(h)
         if not decoding:
             refresh_inference_copy(self, "_output", [self.output.weight])
-        return torch.matmul(h, self.__dict__["_output"][1])
+        # On rows(): the last positions of a batched prefill, a strided [B, 1, dim] slice, would
+        # go through a batched matmul with the weight repeated per row, 5-8 times slower.
+        return torch.matmul(rows(h), self.__dict__["_output"][1]).view(*h.shape[:-1], -1)
 
     def refresh_stacked(self):
         """Bring the weight copies of `decode_step` up to date (see `Stacked`, `output_logits`)."""

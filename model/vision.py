@@ -104,18 +104,24 @@ class ImagePreprocessor:
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Pictures (as load_image gives them) -> pixel_values [N, 3, size, size]."""
         images = [to_rgb(im) for im in images]
+        if self.squash and self.direct is not None:
+            # Picture by picture, each normalised right after its resize, while it is still in
+            # the CPU's cache: for a batch of 74 pictures a sixth less time than each stage over
+            # the whole batch (docs/batched_eval.md).
+            out = torch.empty(len(images), 3, self.size, self.size)
+            for picture, image in zip(out, images):
+                self._normalise(image.resize((self.size, self.size), Image.BICUBIC), picture, *self.direct)
+            return out
         if self.squash:
             images = [im.resize((self.size, self.size), Image.BICUBIC) for im in images]
-            if self.direct is not None:
-                return self._normalise(images, *self.direct)
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     @staticmethod
-    def _normalise(images, scale, mean, std):
-        pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-        # The same arithmetic as (pixels.float() * scale - mean) / std, bit for bit, in place on
-        # one contiguous copy: about twice as fast, without three picture-sized temporaries.
-        out = torch.empty(pixels.shape, dtype=torch.float32)
+    def _normalise(image, out, scale, mean, std):
+        """Write the picture's pixel values into `out` [3, size, size]: the same arithmetic as
+        (pixels.float() * scale - mean) / std, bit for bit, in place: about twice as fast,
+        without three picture-sized temporaries."""
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         return out.copy_(pixels).mul_(scale).sub_(mean).div_(std)
 
     def _direct_normalisation(self):
@@ -128,8 +134,8 @@ class ImagePreprocessor:
         p = self.processor
         try:
             scale = float(p.rescale_factor) if p.do_rescale else 1.0
-            mean = torch.tensor(p.image_mean if p.do_normalize else [0.0] * 3).view(1, 3, 1, 1)
-            std = torch.tensor(p.image_std if p.do_normalize else [1.0] * 3).view(1, 3, 1, 1)
+            mean = torch.tensor(p.image_mean if p.do_normalize else [0.0] * 3).view(3, 1, 1)
+            std = torch.tensor(p.image_std if p.do_normalize else [1.0] * 3).view(3, 1, 1)
         except (AttributeError, TypeError):
             return None
         rng = np.random.default_rng(0)
@@ -138,7 +144,7 @@ class ImagePreprocessor:
             expected = p(images=[probe], return_tensors="pt")["pixel_values"]
         except Exception:   # noqa: BLE001 - a processor we cannot probe keeps the slow path
             return None
-        got = self._normalise([probe], scale, mean, std)
+        got = self._normalise(probe, torch.empty(3, self.size, self.size), scale, mean, std)[None]
         if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-5):
             return None
         return scale, mean, std

@@ -11,7 +11,7 @@ from conftest import TINY_CLIP_HIDDEN, tiny_config
 from model.checkpoint import (CheckpointError, atomic_save, build_vlm, config_from_state_dict,
                               load_weights, model_state_dict, read_state_dict)
 from model.config import IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER_IDS, VLMConfig
-from model.language import RMSNorm, apply_repetition_penalty, prompt_tokens, sample_next
+from model.language import RMSNorm, apply_repetition_penalty, one_query_attention, prompt_tokens, sample_next
 from model.prompt import count_placeholders, encode_chat_prompt, encode_conversation, encode_text
 from model.vision import VisionEncoder
 from model.vlm import MiniMindVLM
@@ -273,6 +273,22 @@ def test_rms_norm_at_inference_gives_the_bits_of_f_rms_norm(shape):
         assert got.shape == x.shape
         assert torch.equal(got, F.rms_norm(x, (shape[-1],), norm.weight.detach(), 1e-5))
         assert torch.equal(got, norm(x).detach())   # with gradients: F.rms_norm itself
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 8), (6, 1)])
+@pytest.mark.parametrize("mask_kind", ["boolean", "additive", "none"])
+def test_one_query_attention_equals_sdpa(heads, kv_heads, mask_kind):
+    """Batched decoding steps on the CPU attend through one_query_attention: SDPA's values, with
+    each query head reading its own key head, under either kind of mask, on a cache slice."""
+    torch.manual_seed(0)
+    B, S, D = 5, 19, 16
+    q = torch.randn(B, 1, heads, D).transpose(1, 2)                    # as the model makes them
+    k, v = (torch.randn(B, kv_heads, S + 7, D)[:, :, :S] for _ in range(2))   # a cache's filled part
+    keep = torch.rand(B, 1, 1, S) > 0.3
+    keep[..., -1] = True                                                 # a row always sees itself
+    mask = {"boolean": keep, "additive": torch.where(keep, 0.0, float("-inf")), "none": None}[mask_kind]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv_heads)
+    assert torch.allclose(one_query_attention(q, k, v, mask), expected, atol=1e-6)
 
 
 def test_kv_cache_matches_full_recompute(tiny_vlm, tokenizer):
