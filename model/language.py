@@ -221,7 +221,7 @@ class Attention(Stacked):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))   # [B, heads, T, D]
         if cache is not None:
             k, v = cache.update(layer, k, v, position)
-        if T == 1 and B > 1 and x.device.type == "cpu":
+        if T == 1 and B > 1 and x.device.type == "cpu" and not self.training:   # a batched decoding step
             out = one_query_attention(q, k, v, mask)
         else:
             # enable_gqa: query head h reads kv head h // (n_heads / n_kv_heads), as
