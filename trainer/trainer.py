@@ -107,6 +107,10 @@ def train(args) -> int:
         logger.end_epoch(epoch, data.dataset.summary())
     logger.finish()
     if dist.is_initialized():
+        # All ranks leave together (rank 0 may still be writing the loss plot): once in CI a rank
+        # that tore its gloo connections down while its peer still ran aborted at exit (SIGABRT),
+        # failing a finished run.
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
