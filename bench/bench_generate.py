@@ -37,7 +37,7 @@ from model.prompt import load_tokenizer  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 
 from bench_train import random_clip_b32  # noqa: E402  (same folder)
-from machine import cpu_name  # noqa: E402
+from machine import add_device_argument, check_device, cpu_name  # noqa: E402
 
 
 class V1Baseline:
@@ -207,13 +207,12 @@ def parse_args(argv=None):
     p.add_argument("--new_tokens", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda; never chosen automatically")
+    add_device_argument(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile variants")
     args = p.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
+    check_device(p, args.device)
     return args
 
 

@@ -130,7 +130,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from machine import cpu_name  # same folder
+from machine import add_device_argument, check_device, cpu_name  # same folder
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -652,7 +652,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=256, help="distinct synthetic samples")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda; never chosen automatically")
+    add_device_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="our rows with torch.compile'd blocks (the trainers' --compile); v1 stays eager")
     p.add_argument("--peak_tflops", type=float, default=989.0,
@@ -660,8 +660,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.samples < args.batch_size:
         p.error("--samples must be at least --batch_size")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
+    check_device(p, args.device)
     return args
 
 

@@ -1,8 +1,12 @@
-"""The CPU a benchmark ran on, for its JSON. This project's machines are cloud VMs whose host
-changes between sessions (an fp32 GEMM peak of 331 GFLOP/s one day, 36 another): figures
-measured on different CPUs are not comparable, so every bench names the one it ran on."""
+"""The machine a benchmark runs on: the CPU, named in its JSON, and the `--device` flag.
+
+This project's machines are cloud VMs whose host changes between sessions (an fp32 GEMM peak
+of 331 GFLOP/s one day, 36 another): figures measured on different CPUs are not comparable, so
+every bench names the one it ran on."""
 import os
 import platform
+
+import torch
 
 
 def cpu_name() -> str:
@@ -16,3 +20,13 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
     return (f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')}, "
             f"model {fields.get('model', '?')}, {os.cpu_count()} CPUs)")
+
+
+def add_device_argument(parser):
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; never chosen automatically")
+
+
+def check_device(parser, device: str):
+    """One line, not a traceback, when --device asks for CUDA where there is none."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")

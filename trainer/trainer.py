@@ -10,6 +10,7 @@ calls them. Run under torchrun for several GPUs (or CPU processes with gloo):
 import argparse
 import contextlib
 import errno
+import gc
 import json
 import logging
 import math
@@ -111,6 +112,11 @@ def train(args) -> int:
         # that tore its gloo connections down while its peer still ran aborted at exit (SIGABRT),
         # failing a finished run.
         dist.barrier()
+        # The DDP wrapper sits in reference cycles, so it would outlive this function and be
+        # freed by the garbage collector during interpreter shutdown, with its process group's
+        # work: free it now, while everything it refers to is still alive.
+        del ddp_model
+        gc.collect()
         dist.destroy_process_group()
     return 0
 
