@@ -40,7 +40,7 @@ from dataset.records import ROLES, BadRecord, conversation, open_records  # noqa
 from model.config import IMAGE_MARK, size_tag  # noqa: E402
 from model.inference import (  # noqa: E402
     DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, Request, Sampling, UserError, check_text,
-    iter_answers, list_images, load_model, resolve_weights, stream_answer)
+    iter_answers, list_images, load_model, resolve_weights, reuse_freed_memory, stream_answer)
 from model.prompt import load_tokenizer  # noqa: E402
 from model.video import VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
@@ -292,6 +292,7 @@ def interactive(model, tokenizer, subject, sampling, as_json):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    reuse_freed_memory()   # batched answers allocate and free megabytes per layer
     if args.seed is not None:
         torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -97,9 +97,10 @@ def evaluate(weights, records, device, batch_size=64):
     scores are those of asking one by one, only faster."""
     import torch
 
-    from model.inference import Request, Sampling, answer_batch, load_model
+    from model.inference import Request, Sampling, answer_batch, load_model, reuse_freed_memory
     from model.prompt import load_tokenizer
 
+    reuse_freed_memory()   # as 3-eval_chat.py: batched answers allocate and free megabytes per layer
     torch.manual_seed(0)
     model = load_model(weights, DEMO_CLIP, device)
     tokenizer = load_tokenizer()

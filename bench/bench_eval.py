@@ -19,7 +19,9 @@ The model is the demo preset with random weights and a random demo CLIP, built h
 not depend on training. The questions are the demo's held-out ones (dataset/demo/heldout.jsonl
 if demo.py generated it, else a held-out set generated into a temp folder): a mix of one- and
 two-picture questions of different lengths, as in the demo's evaluation.
-The machine may be shared: the load average is recorded, the batch sizes take turns round by
+Like 3-eval_chat.py and demo.py, the bench first has glibc keep freed memory for reuse
+(`model.inference.reuse_freed_memory`); `--system_malloc` leaves malloc as it is, to measure
+what that buys. The machine may be shared: the load average is recorded, the batch sizes take turns round by
 round (a burst of someone else's work hits them all alike), and each figure is the median.
 """
 import argparse
@@ -41,7 +43,7 @@ from demo_shapes import generate_demo_data, make_demo_clip  # noqa: E402
 from model.checkpoint import build_vlm  # noqa: E402
 from model.config import VLMConfig  # noqa: E402
 from model.inference import (Request, Sampling, answer_batch, build_prompt_ids, count_parameters,  # noqa: E402
-                             open_picture, pad_left)
+                             open_picture, pad_left, reuse_freed_memory)
 from model.prompt import load_tokenizer  # noqa: E402
 
 from machine import cpu_name  # noqa: E402  (same folder)
@@ -61,6 +63,9 @@ def parse_args(argv=None):
                    "(used if it holds enough questions, else a held-out set is generated)")
     p.add_argument("--smoke", action="store_true", help="CI: 4 questions, batch 1 and 4, 8 tokens, 1 round")
     p.add_argument("--no_breakdown", action="store_true", help="skip where_the_time_goes")
+    p.add_argument("--system_malloc", action="store_true",
+                   help="leave glibc's malloc settings alone (3-eval_chat.py and demo.py call "
+                        "model.inference.reuse_freed_memory, as this bench does by default)")
     args = p.parse_args(argv)
     if args.smoke:
         args.questions, args.batch_sizes, args.max_new_tokens, args.repeats = 4, [1, 4], 8, 1
@@ -130,6 +135,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = "glibc defaults" if args.system_malloc or not reuse_freed_memory() else "reuse_freed_memory"
     torch.manual_seed(0)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
@@ -181,7 +187,7 @@ def main(argv=None):
                   "vision": "random demo CLIP (demo_shapes.make_demo_clip)"},
         "same_answers_at_every_batch_size": all(answers[b] == answers[args.batch_sizes[0]] for b in answers),
         "repeats": args.repeats, "order": "round-robin over batch sizes; figures are medians",
-        "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
+        "torch_threads": torch.get_num_threads(), "malloc": malloc, "cpu": cpu_name(),
         "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
                                 "after": [round(x, 2) for x in os.getloadavg()]},
         "platform": platform.platform(), "torch": torch.__version__,
