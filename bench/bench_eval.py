@@ -21,8 +21,9 @@ if demo.py generated it, else a held-out set generated into a temp folder): a mi
 two-picture questions of different lengths, as in the demo's evaluation.
 Like 3-eval_chat.py and demo.py, the bench first has glibc keep freed memory for reuse
 (`model.inference.reuse_freed_memory`); `--system_malloc` leaves malloc as it is, to measure
-what that buys. The machine may be shared: the load average is recorded, the batch sizes take turns round by
-round (a burst of someone else's work hits them all alike), and each figure is the median.
+what that buys. The machine may be shared: the load average is recorded, the batch sizes take
+turns round by round (a burst of someone else's work hits them all alike), and each figure is
+the median.
 """
 import argparse
 import json

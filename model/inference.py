@@ -61,8 +61,8 @@ def reuse_freed_memory() -> bool:
     back to the system, and trims the free top of its heap once it passes twice that bar. Batched
     answering allocates and frees blocks of megabytes in every layer, and the kernel then zeroes
     every page again on its first touch: about 14,000 page faults in one `generate` of 64 demo
-    answers. Serving blocks under 32 MiB from a heap that is never trimmed took 8% off batch 64
-    and 10% off the vision encoder over 74 pictures, and changed nothing one by one or in
+    answers. Serving blocks under 32 MiB from a heap that is never trimmed took 6-9% off batch
+    64 and 10% off the vision encoder over 74 pictures, and changed nothing one by one or in
     training (docs/batched_eval.md), so 3-eval_chat.py and demo.py's evaluation call this. The
     cost: the process keeps its peak memory instead of returning it between batches.
 
