@@ -136,7 +136,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    malloc = "glibc defaults" if args.system_malloc or not reuse_freed_memory() else "reuse_freed_memory"
+    malloc = "left as it was" if args.system_malloc or not reuse_freed_memory() else "reuse_freed_memory"
     torch.manual_seed(0)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
