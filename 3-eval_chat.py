@@ -37,27 +37,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from dataset.records import ROLES, BadRecord, conversation, open_records  # noqa: E402
-from model.config import IMAGE_MARK, size_tag  # noqa: E402
+from model.config import IMAGE_MARK, number_in, size_tag  # noqa: E402
 from model.inference import (  # noqa: E402
     DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, Request, Sampling, UserError, check_text,
     iter_answers, list_images, load_model, resolve_weights, reuse_freed_memory, stream_answer)
 from model.prompt import load_tokenizer  # noqa: E402
 from model.video import VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
-
-
-def number_in(kind, low, high=None, low_open=False):
-    """An argparse type: a `kind` number in [low, high] ((low, high] with low_open)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value < low or (low_open and value == low) or (high is not None and value > high) or value != value:
-            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
-            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
-        return value
-    return parse
 
 
 def parse_args(argv=None):

@@ -71,9 +71,14 @@ def load_pictures(pictures) -> list:
     return images
 
 
+def problem_kinds(problems) -> Counter:
+    """How many (record_ref, reason) problems of each kind (a reason's part before any ":")."""
+    return Counter(reason.partition(":")[0] for _, reason in problems)
+
+
 def summarize(problems, header: str = "") -> str:
     """A short multi-line text: the header, then how many problems of each kind."""
-    counts = Counter(reason.partition(":")[0] for _, reason in problems)
+    counts = problem_kinds(problems)
     lines = [header] if header else []
     lines.append(f"{len(problems)} problem(s)" + (":" if counts else ""))
     lines += [f"  {n:6d}  {kind}" for kind, n in counts.most_common()]

@@ -8,6 +8,8 @@ the same settings is reused rather than regenerated; --force regenerates it.
 import argparse
 import time
 
+from model.config import number_in
+
 from .encoder import DEMO_CLIP_PATH, make_demo_clip
 from .records import DEMO_DATA_DIR, generate_demo_data
 
@@ -19,14 +21,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="regenerate even if complete output exists")
     # Defaults: the sizes of `python demo.py` (its "full" plan), so the two share the output.
-    p.add_argument("--n_pretrain", type=int, default=6000)
-    p.add_argument("--n_sft", type=int, default=5000)
-    p.add_argument("--n_multi", type=int, default=3000)
-    p.add_argument("--n_rehearsal", type=int, default=500, help="single-picture records mixed into sft_multi")
-    p.add_argument("--n_heldout", type=int, default=480)
+    p.add_argument("--n_pretrain", type=number_in(int, 0), default=6000)
+    p.add_argument("--n_sft", type=number_in(int, 0), default=5000)
+    p.add_argument("--n_multi", type=number_in(int, 0), default=3000)
+    p.add_argument("--n_rehearsal", type=number_in(int, 0), default=500, help="single-picture records mixed into sft_multi")
+    p.add_argument("--n_heldout", type=number_in(int, 0), default=480)
     p.add_argument("--clip_path", default=DEMO_CLIP_PATH)
-    p.add_argument("--clip_hidden_size", type=int, default=512)
-    p.add_argument("--clip_layers", type=int, default=1)
+    p.add_argument("--clip_hidden_size", type=number_in(int, 1), default=512)
+    p.add_argument("--clip_layers", type=number_in(int, 1), default=1)
     args = p.parse_args(argv)
     t0 = time.time()
     m = generate_demo_data(args.out_dir, args.seed, args.n_pretrain, args.n_sft, args.n_multi,

@@ -1,7 +1,9 @@
 """Configuration of a MiniMind-V model: the decoder, the MoE options and the vision settings.
 
 Sizes are chosen with named presets (see PRESETS), never by editing defaults in source.
+Also `number_in`, the argparse type every command line uses for its numeric settings.
 """
+import argparse
 import math
 import os
 
@@ -32,6 +34,21 @@ PRESETS = {
     "demo": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512),
     "tiny": dict(dim=64, n_layers=2, max_seq_len=512),   # smoke tests
 }
+
+
+def number_in(kind, low, high=None, low_open=False):
+    """An argparse type: a `kind` number in [low, high] ((low, high] with low_open). A value out
+    of range stops at parsing with one line naming the flag, not hours later in a traceback."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high) or value != value:
+            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+    return parse
 
 
 def size_tag(dim: int, use_moe: bool = False) -> str:

@@ -21,7 +21,7 @@ from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from dataset.vlm_dataset import Skipped, VLMDataset  # noqa: E402
-from model.config import IMAGE_PLACEHOLDER_IDS  # noqa: E402
+from model.config import IMAGE_PLACEHOLDER_IDS, number_in  # noqa: E402
 from model.prompt import load_tokenizer  # noqa: E402
 
 
@@ -57,9 +57,9 @@ def main(argv=None) -> int:
                         help="JSON list or JSONL file, or Parquet (a file, a folder of shards or a glob)")
     parser.add_argument("--images_dir", default=None, help="the pictures of JSON/JSONL data (Parquet holds its own)")
     parser.add_argument("--image_prefix", default="", help="put before every image file name")
-    parser.add_argument("--max_seq_len", type=int, default=512)
-    parser.add_argument("--max_images", type=int, default=None)
-    parser.add_argument("--max_turns", type=int, default=None)
+    parser.add_argument("--max_seq_len", type=number_in(int, 1), default=512)
+    parser.add_argument("--max_images", type=number_in(int, 1), default=None)
+    parser.add_argument("--max_turns", type=number_in(int, 1), default=None)
     args = parser.parse_args(argv)
 
     # Problems are logged by the dataset as they are found, one line each.

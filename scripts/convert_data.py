@@ -45,6 +45,8 @@ from tqdm import tqdm  # noqa: E402
 from dataset.parquet import (PICTURE_COLUMNS, ParquetRecords, is_parquet,  # noqa: E402
                              layout_of, parquet_files)
 from dataset.records import BadRecord, Frame, JsonRecords, conversation  # noqa: E402
+from model.config import number_in  # noqa: E402
+
 DEFAULT_ROW_GROUP_SIZE = 1000
 # The dictionary page holds the distinct pictures of a row group; past this limit the writer
 # falls back to plain encoding (still correct, no longer deduplicated). Parquet page sizes
@@ -367,7 +369,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the image folder: read for JSON input, written for JSON output")
     parser.add_argument("--image_prefix", default="",
                         help="put before every image file name (JSON input)")
-    parser.add_argument("--row_group_size", type=int, default=DEFAULT_ROW_GROUP_SIZE,
+    parser.add_argument("--row_group_size", type=number_in(int, 1), default=DEFAULT_ROW_GROUP_SIZE,
                         help="rows per Parquet row group (default %(default)s): every random "
                              "read decodes a whole row group")
     parser.add_argument("--keep_order", action="store_true",

@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from conftest import (CLI, EVAL, ROOT, common, eval_picture, load_cli, losses, make_data, run_cli,
+from conftest import (CLI, EVAL, ROOT, common, eval_picture, load_cli, losses, make_data, run_cli, run_stage,
                       save_tiny_checkpoint)
 from trainer.trainer import main
 
@@ -340,6 +340,62 @@ def test_more_new_tokens_than_the_model_reads_names_the_setting(tiny_clip_dir, c
     assert chat.main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: max_new_tokens=100000"), err
+
+
+def usage_error(capsys, parse, argv, flag):
+    """`parse(argv)` stops as argparse does on a bad value (exit code 2), in one line naming `flag`."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    said = [line for line in err.splitlines() if "error:" in line]   # argparse: "PROG: error: ..."
+    assert len(said) == 1 and f"argument {flag}" in said[0], err
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--batch_size", "0"), ("--epochs", "0"), ("--epochs", "-1"), ("--max_steps", "0"),
+    ("--accumulation_steps", "0"), ("--log_interval", "0"), ("--save_interval", "0"), ("--val_interval", "0"),
+    ("--learning_rate", "-1e-4"), ("--learning_rate", "nan"), ("--weight_decay", "-0.1"), ("--grad_clip", "0"),
+    ("--warmup_steps", "-1"), ("--num_workers", "-1"), ("--max_seq_len", "0"), ("--max_images", "0"),
+    ("--max_turns", "0"), ("--frames", "0"), ("--n_layers", "0"), ("--batch_size", "four")])
+def test_bad_training_flags_are_usage_errors(capsys, flag, value):
+    from trainer.trainer import build_parser
+
+    usage_error(capsys, build_parser("sft").parse_args, [flag, value], flag)
+
+
+def test_every_command_line_bounds_its_numbers(capsys, tmp_path):
+    """The other command lines stop at parsing too, before any work (nothing is written)."""
+    import demo
+    from demo_shapes.__main__ import main as demo_shapes_main
+    from scripts.check_data import main as check_data_main
+    from scripts.convert_data import main as convert_data_main
+
+    out = str(tmp_path / "out")
+    usage_error(capsys, demo.main, ["--batch_size", "0", "--out_dir", out, "--data_dir", out], "--batch_size")
+    usage_error(capsys, demo_shapes_main, ["--clip_layers", "0", "--out_dir", out], "--clip_layers")
+    usage_error(capsys, demo_shapes_main, ["--n_sft", "-5", "--out_dir", out], "--n_sft")
+    usage_error(capsys, check_data_main, ["--data_path", "x.jsonl", "--max_seq_len", "0"], "--max_seq_len")
+    usage_error(capsys, convert_data_main, ["--input", "x.jsonl", "--output", out + ".parquet",
+                                            "--row_group_size", "0"], "--row_group_size")
+    assert not os.path.exists(out)
+
+
+def test_a_run_with_nothing_usable_stops_and_keeps_the_last_weights(tmp_path, data, tiny_clip_dir):
+    """Every record too long for --max_seq_len: skipped one by one, as bad records are, but a run
+    that finds not one usable record stops in one line instead of saving untrained weights."""
+    out = tmp_path / "out"
+    run_stage("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "1"))
+    weights = out / "64_vlm_pretrain.pth"
+    trained = weights.read_bytes()
+    for extra in (["--epochs", "3"], ["--max_steps", "1"]):   # stops at the first epoch's end; at the last step
+        with pytest.raises(SystemExit) as exit_info:
+            main("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--max_seq_len", "10", *extra))
+        message = exit_message(exit_info)
+        assert message.startswith("error: none of the ") and "\n" not in message, message
+        assert "longer than max_seq_len=10" in message and "nothing saved" in message, message
+        assert weights.read_bytes() == trained
 
 
 # ------------------------------------------------------------------------------ 10. interactive chat

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset.vlm_dataset import Skipped, VLMDataset, make_collate
+from dataset.vlm_dataset import Skipped, VLMDataset, make_collate, problem_kinds
 from model.checkpoint import (CheckpointError, atomic_save, load_weights, model_state_dict,
                               remove_stale_temp_files)
-from model.config import DEFAULT_VISION_MODEL, IGNORE_INDEX, PRESETS, VLMConfig
+from model.config import DEFAULT_VISION_MODEL, IGNORE_INDEX, PRESETS, VLMConfig, number_in
 from model.language import count_targets
 from model.prompt import load_tokenizer
 from model.vision import ImagePreprocessor, VisionEncoder
@@ -96,11 +96,13 @@ def train(args) -> int:
             loss, grad_norm = optimizer_step(run, ddp_model, optimizer, micro_batches, lr, args.grad_clip)
             progress.advance(data.steps_per_epoch)
             last = progress.step >= total_steps
-            if logger.after_step(loss, grad_norm, lr, micro_batches, last):
-                data.share_problems(run)
+            logged = logger.after_step(loss, grad_norm, lr, micro_batches, last)
+            saving = progress.step % args.save_interval == 0 or last or progress.epoch != epoch
+            if logged or saving:   # before saving: a run that found nothing usable stops there
+                data.share_problems(run, last)
             if val is not None and (progress.step % args.val_interval == 0 or last):
                 logger.validation(validate(run, model, val))
-            if progress.step % args.save_interval == 0 or last or progress.epoch != epoch:
+            if saving:
                 save_checkpoint(args, run, model, optimizer, progress)
             if last:
                 break
@@ -145,10 +147,10 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
         p.add_argument("--multi", action="store_true", help="two-image SFT: sft_multi data, starts from the SFT weights")
     g = p.add_argument_group("model")
     g.add_argument("--dim", type=int, default=512, choices=[512, 768], help="model width (512: 27M, 768: 109M)")
-    g.add_argument("--n_layers", type=int, default=None, help="default: 8 for dim 512, 16 for dim 768")
+    g.add_argument("--n_layers", type=number_in(int, 1), default=None, help="default: 8 for dim 512, 16 for dim 768")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named size; overrides --dim")
     g.add_argument("--use_moe", action="store_true")
-    g.add_argument("--max_seq_len", type=int, default=640, help="longest sample in tokens (50 per image)")
+    g.add_argument("--max_seq_len", type=number_in(int, 1), default=640, help="longest sample in tokens (50 per image)")
     g.add_argument("--vision_model", default=DEFAULT_VISION_MODEL)
     g.add_argument("--init_weight", default=None,
                    help=f"starting weights, a .pth or an exported folder (default: out/{{tag}}_{s.init_from}.pth)")
@@ -162,10 +164,10 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                         f"(default: the first that exists of {', '.join(s.data_paths)})")
     g.add_argument("--images_path", default=None, help=f"image folder (default {s.images_dir})")
     g.add_argument("--image_prefix", default="", help="prefix of image file names (real SFT data: COCO_train2014_)")
-    g.add_argument("--max_images", type=int, default=None,
+    g.add_argument("--max_images", type=number_in(int, 1), default=None,
                    help=f"pictures per record, a clip's keyframes included (default {s.max_images})")
-    g.add_argument("--frames", type=int, default=4, help="keyframes of a clip whose record does not say")
-    g.add_argument("--max_turns", type=int, default=None, help="keep the first N exchanges (1 = v1 behaviour)")
+    g.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes of a clip whose record does not say")
+    g.add_argument("--max_turns", type=number_in(int, 1), default=None, help="keep the first N exchanges (1 = v1 behaviour)")
     g.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     g.add_argument("--check_data", action="store_true", help="scan the data, report problems, do not train")
     g.add_argument("--group_by_length", action="store_true", help="batch samples of similar length")
@@ -173,16 +175,16 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", default=None, help="default: <out_dir>/feature_cache")
     g.add_argument("--val_data", default=None, help="held-out records for a periodic validation loss")
     g.add_argument("--val_images_path", default=None)
-    g.add_argument("--val_interval", type=int, default=200)
+    g.add_argument("--val_interval", type=number_in(int, 1), default=200)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=s.epochs)
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--batch_size", type=int, default=16, help="per process")
-    g.add_argument("--learning_rate", type=float, default=s.learning_rate)
-    g.add_argument("--weight_decay", type=float, default=0.01, help="on matrices only (not norms or biases)")
-    g.add_argument("--warmup_steps", type=int, default=None, help="default: 1%% of the steps")
-    g.add_argument("--accumulation_steps", type=int, default=1)
-    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--epochs", type=number_in(int, 1), default=s.epochs)
+    g.add_argument("--max_steps", type=number_in(int, 1), default=None, help="stop after this many optimizer steps")
+    g.add_argument("--batch_size", type=number_in(int, 1), default=16, help="per process")
+    g.add_argument("--learning_rate", type=number_in(float, 0), default=s.learning_rate)
+    g.add_argument("--weight_decay", type=number_in(float, 0), default=0.01, help="on matrices only (not norms or biases)")
+    g.add_argument("--warmup_steps", type=number_in(int, 0), default=None, help="default: 1%% of the steps")
+    g.add_argument("--accumulation_steps", type=number_in(int, 1), default=1)
+    g.add_argument("--grad_clip", type=number_in(float, 0, low_open=True), default=1.0)
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="autocast dtype on CUDA (CPU always trains in fp32)")
     g.add_argument("--seed", type=int, default=42)
@@ -191,9 +193,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default="out")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--num_workers", type=int, default=4)
-    g.add_argument("--log_interval", type=int, default=10)
-    g.add_argument("--save_interval", type=int, default=500, help="save weights + resume state every N steps")
+    g.add_argument("--num_workers", type=number_in(int, 0), default=4)
+    g.add_argument("--log_interval", type=number_in(int, 1), default=10)
+    g.add_argument("--save_interval", type=number_in(int, 1), default=500, help="save weights + resume state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <save_weight>.resume if it exists")
     g.add_argument("--use_wandb", action="store_true")
     g.add_argument("--wandb_project", default="MiniMind-V")
@@ -306,12 +308,20 @@ def check_outputs_writable(args, run: Run):
             remove_stale_temp_files(path)
 
 
+# Records read by all ranks, not one of them usable, after which a run stops (see
+# `TrainingData.share_problems`): at that point it is the flags or the data, not a bad record.
+NOTHING_USABLE_LIMIT = 256
+
+
 @dataclass
 class TrainingData:
-    """A dataset with its sampler and loader."""
+    """A dataset with its sampler and loader, and how many of the samples this process read
+    were usable."""
     dataset: VLMDataset
     sampler: "StepSampler"
     loader: torch.utils.data.DataLoader
+    read: int = 0
+    usable: int = 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -320,16 +330,36 @@ class TrainingData:
     def note_skipped(self, micro_batches):
         """Records found bad while loading these batches: counted (strict: the one-line error).
         This happens here in the main process, as a DataLoader worker cannot stop a run cleanly."""
-        for ref, reason in (s for batch in micro_batches for s in batch["skipped"]):
-            self.dataset.report(ref, reason)
+        for batch in micro_batches:
+            for ref, reason in batch["skipped"]:
+                self.dataset.report(ref, reason)
+            self.usable += len(batch["input_ids"])
+            self.read += len(batch["input_ids"]) + len(batch["skipped"])
 
-    def share_problems(self, run: "Run"):
+    def share_problems(self, run: "Run", last: bool = False):
         """Every rank learns every rank's bad records, so counts are totals and rank 0 logs each
-        record once (a bad record lands on another rank in another epoch)."""
+        record once (a bad record lands on another rank in another epoch).
+
+        Skipping bad records is for a few among many. When not one of the records read so far
+        (by all ranks together) was usable, after NOTHING_USABLE_LIMIT of them, a whole epoch
+        or at the last step, the run stops with one line (ValueError) before anything is saved.
+        Otherwise a --max_seq_len too short for the data, or Parquet rows with more pictures than
+        --max_images (checked as they are read), would "train" for hours on nothing and write
+        the untouched weights over the last good ones."""
+        read, usable = self.read, self.usable
         if run.world > 1:
-            for problems in all_gather_objects(self.dataset.take_new_problems()):
+            gathered = all_gather_objects((self.dataset.take_new_problems(), (self.read, self.usable)))
+            for problems, _ in gathered:
                 for ref, reason in problems:
                     self.dataset.report(ref, reason)
+            read, usable = (sum(counts[i] for _, counts in gathered) for i in (0, 1))
+        epoch_reads = self.steps_per_epoch * self.sampler.step_batch   # the ragged tail is not read
+        if usable == 0 and read and (read >= min(NOTHING_USABLE_LIMIT, epoch_reads) or last):
+            kinds = problem_kinds(self.dataset.problems)
+            raise ValueError(f"none of the {read} records read from {self.dataset.data_path} was usable ("
+                             + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(3))
+                             + "): nothing trained, nothing saved. Check the data and the flags "
+                             "(python scripts/check_data.py lists every problem)")
 
     def check_left_out(self, run: "Run", epoch: int):
         """Load the ragged tail that `epoch` did not train on, so bad records there are counted too."""
