@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from dataset.records import ROLES, BadRecord, conversation, open_records  # noqa: E402
+from dataset.records import BadRecord, conversation, open_records  # noqa: E402
 from model.config import IMAGE_MARK, number_in, size_tag  # noqa: E402
 from model.inference import (  # noqa: E402
     DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, Request, Sampling, UserError, check_text,
@@ -178,23 +178,15 @@ def ask_in_batches(model, tokenizer, subjects, question, sampling, as_json, batc
 
 
 # -- --questions FILE -----------------------------------------------------------------------------
-# Stands in for the answer of a record that has none (a question-only record), so that the
-# shared record checks (turns alternate and end with an answer) still apply to the rest.
-UNANSWERED = {"from": "gpt", "value": "(no reference answer)"}
-
-
 def first_exchange(turns, pictures):
     """(a record's first question without its <image> marks, the pictures those marks stand for,
     the record's first answer or None); BadRecord if the record does not check."""
     if not all(isinstance(p, (str, bytes)) for p in pictures):   # keyframes of a clip
         raise BadRecord("video clips are not supported by --questions")
-    last = turns[-1] if isinstance(turns, list) and turns else None
-    role = last.get("from", last.get("role")) if isinstance(last, dict) else None
-    unanswered = isinstance(role, str) and ROLES.get(role) == "user"
-    messages = conversation(turns + [UNANSWERED] if unanswered else turns, len(pictures))
+    messages = conversation(turns, len(pictures), unanswered=True)   # question-only records too
     first = messages[0]["content"]
     question = first.replace(IMAGE_MARK + "\n", "").replace(IMAGE_MARK, "")
-    reference = messages[1]["content"] if len(turns) > 1 else None
+    reference = messages[1]["content"] if len(messages) > 1 else None
     return question, pictures[:first.count(IMAGE_MARK)], reference
 
 
@@ -209,7 +201,7 @@ def open_questions(path, images_dir):
         if not os.path.isdir(images_dir):
             raise UserError(f"images folder not found: {images_dir}")
     try:
-        return open_records(path, images_dir)
+        return open_records(path, images_dir, unanswered=True)
     except (OSError, ValueError) as e:   # not JSON / not our Parquet layout / unreadable
         raise UserError(str(e).splitlines()[0]) from None
 

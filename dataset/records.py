@@ -89,16 +89,19 @@ def _turn(k: int, turn) -> dict:
     return {"role": ROLES[role], "content": text}
 
 
-def conversation(turns, n_pictures: int, max_images: Optional[int] = None) -> List[dict]:
+def conversation(turns, n_pictures: int, max_images: Optional[int] = None, unanswered: bool = False) -> List[dict]:
     """Stored turns -> [{"role": "user"|"assistant", "content"}], or BadRecord saying why not:
     turns must alternate user/assistant and end with an answer, answers must not be empty or
-    hold `<image>`, and the user turns' marks must match the pictures."""
+    hold `<image>`, and the user turns' marks must match the pictures. unanswered=True also
+    takes a last user turn without its answer (a question file's question-only record)."""
     if not isinstance(turns, list):
         raise BadRecord("wrong field type: 'conversations' must be a list")
     if not turns:
         raise BadRecord("empty conversation")
     messages = [_turn(k, t) for k, t in enumerate(turns, 1)]
     roles = [m["role"] for m in messages]
+    if unanswered and roles[-1] == "user":
+        roles.append("assistant")   # checked as if answered; returned as it is
     if "assistant" not in roles:
         raise BadRecord("no assistant turn")
     for k, role in enumerate(roles):
@@ -201,8 +204,9 @@ class JsonRecords:
     """
 
     def __init__(self, path: str, images_dir: str, image_prefix: str = "", max_images: Optional[int] = None,
-                 frames: int = 4):
+                 frames: int = 4, unanswered: bool = False):
         self.path, self.image_prefix, self.max_images, self.frames = path, image_prefix, max_images, frames
+        self.unanswered = unanswered   # question-only records are good (see `conversation`)
         self.images_dir = os.path.abspath(images_dir)
         self.load_problems: List[Tuple[str, str]] = []
         self.n_read = 0
@@ -218,7 +222,7 @@ class JsonRecords:
             except BadRecord as bad:
                 self.load_problems.append((ref, str(bad)))
                 continue
-            lengths.append(approx_length(conversation(turns, len(pictures))))
+            lengths.append(approx_length(conversation(turns, len(pictures), unanswered=self.unanswered)))
             if offset is None:
                 kept.append((ref, record))
             else:
@@ -280,7 +284,7 @@ class JsonRecords:
             if not isinstance(turns, list):
                 raise BadRecord("wrong field type: 'conversations' must be a list")
             turns, pictures = expand_clip(turns, paths[0], record.get("frames", self.frames))
-        conversation(turns, len(pictures), self.max_images)
+        conversation(turns, len(pictures), self.max_images, self.unanswered)
         if sizes is not None:
             for path in paths:
                 if path not in sizes:
@@ -301,9 +305,10 @@ class JsonRecords:
 
 
 def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix: str = "",
-                 max_images: Optional[int] = None, frames: int = 4):
+                 max_images: Optional[int] = None, frames: int = 4, unanswered: bool = False):
     """The source for `data_path`: Parquet (a file, a folder of shards or a glob) or JSON/JSONL.
-    `frames`: the keyframes of a clip whose record does not say."""
+    `frames`: the keyframes of a clip whose record does not say. `unanswered`: JSON records may
+    end with a question (Parquet rows are checked only when read, by the reader)."""
     import glob
 
     from dataset.parquet import ParquetRecords, is_parquet
@@ -314,4 +319,4 @@ def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix:
         return ParquetRecords(data_path, frames=frames)
     if images_dir is None:
         raise ValueError(f"{data_path} names its pictures by file: give the images folder (--images_path)")
-    return JsonRecords(data_path, images_dir, image_prefix, max_images, frames)
+    return JsonRecords(data_path, images_dir, image_prefix, max_images, frames, unanswered)

@@ -274,13 +274,20 @@ def test_cli_asks_question_only_rows_without_a_reference(chat, weights, tiny_cli
     picture_bytes = open(picture(0), "rb").read()
     turns = [[{"from": "human", "value": "<image>\n这是什么？"}],
              [{"from": "human", "value": "<image>\n这是什么？"}, {"from": "gpt", "value": "一个女子。"}]]
-    path = str(tmp_path / "questions.parquet")
+    parquet = str(tmp_path / "questions.parquet")
     pq.write_table(pa.table({"id": ["open", "answered"], "conversations": [json.dumps(t) for t in turns],
-                             "image_bytes": [picture_bytes, picture_bytes]}), path)
-    assert chat.main(chat_args(weights, tiny_clip_dir, "--questions", path, "--batch_size", "2")) == 0
-    lines = {r["id"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert "reference" not in lines["open"] and lines["answered"]["reference"] == "一个女子。"
-    assert lines["open"]["answer"] == lines["answered"]["answer"]       # the same question about the same picture
+                             "image_bytes": [picture_bytes, picture_bytes]}), parquet)
+    jsonl = tmp_path / "questions.jsonl"   # checked when the file is opened, where Parquet rows are checked when read
+    shutil.copy(picture(0), tmp_path / "0.png")
+    jsonl.write_text("".join(json.dumps({"id": i, "image": "0.png", "conversations": t}, ensure_ascii=False) + "\n"
+                             for i, t in zip(["open", "answered"], turns)), encoding="utf-8")
+    for source in ([parquet], [str(jsonl), "--images_dir", str(tmp_path)]):
+        assert chat.main(chat_args(weights, tiny_clip_dir, "--questions", *source, "--batch_size", "2")) == 0
+        out, err = capsys.readouterr()
+        assert "skipped" not in err, err
+        lines = {r["id"]: r for r in map(json.loads, out.splitlines())}
+        assert "reference" not in lines["open"] and lines["answered"]["reference"] == "一个女子。"
+        assert lines["open"]["answer"] == lines["answered"]["answer"]   # the same question about the same picture
 
 
 def test_cli_question_file_with_nothing_to_answer_fails(chat, weights, tiny_clip_dir, tmp_path, capsys):
