@@ -50,6 +50,17 @@ def assert_one_error_line(stderr, *needles):
     return lines[-1]
 
 
+def usage_error(capsys, parse, argv, flag):
+    """`parse(argv)` stops as argparse does on a bad value (exit code 2), in one line naming `flag`."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    said = [line for line in err.splitlines() if "error:" in line]   # argparse: "PROG: error: ..."
+    assert len(said) == 1 and f"argument {flag}" in said[0], err
+
+
 def script(out, data, clip, *extra):
     """The command line of a pretraining run from scratch."""
     return [sys.executable, PRETRAIN, *common(data, clip, out, "--from_scratch", *extra)]
@@ -312,13 +323,7 @@ def test_strict_with_workers_stops_in_one_line(tmp_path, tiny_clip_dir):
                                         ("--top_p", "0"), ("--top_p", "1.5"), ("--top_k", "-1"),
                                         ("--repetition_penalty", "0")])
 def test_bad_sampling_flags_are_usage_errors(chat, capsys, flag, value):
-    with pytest.raises(SystemExit) as exit_info:
-        chat.parse_args([flag, value])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    said = [line for line in err.splitlines() if "error:" in line]   # argparse: "PROG: error: ..."
-    assert len(said) == 1 and f"argument {flag}" in said[0], err
+    usage_error(capsys, chat.parse_args, [flag, value], flag)
 
 
 def test_generate_rejects_bad_sampling_settings(tiny_clip_dir, chat):
@@ -340,17 +345,6 @@ def test_more_new_tokens_than_the_model_reads_names_the_setting(tiny_clip_dir, c
     assert chat.main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: max_new_tokens=100000"), err
-
-
-def usage_error(capsys, parse, argv, flag):
-    """`parse(argv)` stops as argparse does on a bad value (exit code 2), in one line naming `flag`."""
-    with pytest.raises(SystemExit) as exit_info:
-        parse(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    said = [line for line in err.splitlines() if "error:" in line]   # argparse: "PROG: error: ..."
-    assert len(said) == 1 and f"argument {flag}" in said[0], err
 
 
 @pytest.mark.parametrize("flag,value", [
