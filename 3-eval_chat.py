@@ -39,8 +39,8 @@ import torch  # noqa: E402
 from dataset.records import BadRecord, conversation, open_records  # noqa: E402
 from model.config import IMAGE_MARK, number_in, size_tag  # noqa: E402
 from model.inference import (  # noqa: E402
-    DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, Request, Sampling, UserError, check_text,
-    iter_answers, list_images, load_model, resolve_weights, reuse_freed_memory, stream_answer)
+    DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, IMAGE_EXTENSIONS, Request, Sampling,
+    UserError, check_text, iter_answers, list_images, load_model, resolve_weights, reuse_freed_memory, stream_answer)
 from model.prompt import load_tokenizer  # noqa: E402
 from model.video import VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
@@ -114,11 +114,15 @@ class Subject(NamedTuple):
 def load_pictures(paths):
     """[(path, image)] for every readable picture; the others get one line on stderr."""
     pictures = []
-    for path in list_images(paths):
-        try:
-            pictures.append((path, load_image(path, name=path)))
-        except ImageError as e:
-            print(f"skipped: {e}", file=sys.stderr)
+    for given in paths:
+        files = list_images([given])
+        if not files:
+            print(f"skipped: {given} holds no pictures ({', '.join(IMAGE_EXTENSIONS)})", file=sys.stderr)
+        for path in files:
+            try:
+                pictures.append((path, load_image(path, name=path)))
+            except ImageError as e:
+                print(f"skipped: {e}", file=sys.stderr)
     return pictures
 
 

@@ -77,7 +77,9 @@ def problem_kinds(problems) -> Counter:
 
 
 def summarize(problems, header: str = "") -> str:
-    """A short multi-line text: the header, then how many problems of each kind."""
+    """A short text: the header, then how many problems of each kind (one line when none)."""
+    if not problems:
+        return f"{header}, no problems" if header else "no problems"
     counts = problem_kinds(problems)
     lines = [header] if header else []
     lines.append(f"{len(problems)} problem(s)" + (":" if counts else ""))

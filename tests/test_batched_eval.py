@@ -158,13 +158,17 @@ def test_cli_batches_give_the_answers_of_one_by_one(chat, weights, tiny_clip_dir
     for i in range(3):
         shutil.copy(picture(i), folder)
     (folder / "broken.png").write_text("not a picture")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no pictures here")
     outputs = {}
     for batch_size in ("1", "2"):
-        assert chat.main(chat_args(weights, tiny_clip_dir, "--json", "--image", str(folder),
+        assert chat.main(chat_args(weights, tiny_clip_dir, "--json", "--image", str(folder), str(empty),
                                    "--batch_size", batch_size)) == 0
         out, err = capsys.readouterr()
-        assert [line for line in err.splitlines() if "broken.png" in line] == [
-            f"skipped: {folder / 'broken.png'} is not a readable picture (UnidentifiedImageError)"]
+        assert err.splitlines() == [
+            f"skipped: {folder / 'broken.png'} is not a readable picture (UnidentifiedImageError)",
+            f"skipped: {empty} holds no pictures (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .tiff)"]
         outputs[batch_size] = [json.loads(line) for line in out.splitlines()]
     assert outputs["2"] == outputs["1"] and len(outputs["1"]) == 3
     # Plain text: the header and the whole answer, once its batch is done.

@@ -393,6 +393,7 @@ def test_check_data_reports_everything(tok, tmp_path, images, capsys):
     clean = write_jsonl(tmp_path / "clean.jsonl", [GOOD])
     assert check_dataset(clean, str(images), tokenizer=tok, progress=False) == []
     assert check_main(["--data_path", clean, "--images_dir", str(images)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(": 1 record(s), 1 in use, no problems")
 
 
 def test_check_data_script_runs_from_the_repo_root(tmp_path, images):

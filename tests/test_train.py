@@ -1,5 +1,6 @@
 """The shared trainer: stages and output names, DDP parity, kill/resume, feature cache, bad data."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,14 @@ def test_sampler_reads_a_window_of_row_groups_at_a_time():
     assert [set(group_of[b]) for b in first] != [set(group_of[b]) for b in list(sampler)]
 
 
+def test_data_workers_default_to_at_most_the_usable_cpus(monkeypatch):
+    # torch warns (and loading may stall) when a loader has more workers than CPUs to run them
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert build_parser("pretrain").parse_args([]).num_workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert build_parser("sft").parse_args([]).num_workers == 4
+
+
 def test_bool_flags_are_real_flags():
     parser = build_parser("sft")
     assert parser.parse_args(["--multi"]).multi and not parser.parse_args([]).multi
@@ -75,9 +84,11 @@ def test_bool_flags_are_real_flags():
 
 
 # ------------------------------------------------------------------------------ whole stages
-def test_three_stages_chain_with_original_names(tmp_path, data, tiny_clip_dir):
+def test_three_stages_chain_with_original_names(tmp_path, data, tiny_clip_dir, caplog):
     out = tmp_path / "out"
-    assert run_stage("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--epochs", "3")) == 0
+    with caplog.at_level("INFO"):
+        assert run_stage("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--epochs", "3")) == 0
+    assert re.findall(r"epoch (\d) done\.", caplog.text) == ["1", "2", "3"]
     assert (out / "64_vlm_pretrain.pth").exists() and (out / "64_vlm_pretrain_loss.png").exists()
     pre = losses(out / "64_vlm_pretrain.pth")
     assert pre[-1] < pre[0] - 1.0                     # it learns
@@ -89,12 +100,16 @@ def test_three_stages_chain_with_original_names(tmp_path, data, tiny_clip_dir):
     assert (out / "64_vlm_sft_multi.pth").exists()
 
 
-def test_freeze_llm_trains_projector_only(tmp_path, data, tiny_clip_dir):
+def test_freeze_llm_trains_projector_only(tmp_path, data, tiny_clip_dir, caplog):
     out = tmp_path / "out"
     run_stage("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "1",
                                  "--save_weight", str(out / "start.pth")))
-    run_stage("pretrain", common(data, tiny_clip_dir, out, "--init_weight", str(out / "start.pth"),
-                                 "--max_steps", "2"))       # pretrain from weights: LLM frozen
+    with caplog.at_level("INFO"):
+        run_stage("pretrain", common(data, tiny_clip_dir, out, "--init_weight", str(out / "start.pth"),
+                                     "--max_steps", "2"))       # pretrain from weights: LLM frozen
+    # 32 records, batch 4: the run ends inside its first epoch, and the log says so.
+    assert re.search(r"epoch 1 stopped after 2 of 8 steps\. \S+: 32 record\(s\), 32 in use, no problems",
+                     caplog.text), caplog.text
     before, after = torch.load(out / "start.pth"), torch.load(out / "64_vlm_pretrain.pth")
     assert torch.equal(before["layers.0.attention.wq.weight"], after["layers.0.attention.wq.weight"])
     assert not torch.equal(before["vision_proj.vision_proj.0.weight"], after["vision_proj.vision_proj.0.weight"])

@@ -107,7 +107,7 @@ def train(args) -> int:
             if last:
                 break
         data.check_left_out(run, epoch)
-        logger.end_epoch(epoch, data.dataset.summary())
+        logger.end_epoch(epoch, data)
     logger.finish()
     if dist.is_initialized():
         # All ranks leave together (rank 0 may still be writing the loss plot): once in CI a rank
@@ -140,6 +140,11 @@ def main(stage: str, argv=None):
 
 
 # =========================================================================== arguments
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container or `taskset` can allow fewer than the host has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def build_parser(stage: str) -> argparse.ArgumentParser:
     s = STAGES[stage]
     p = argparse.ArgumentParser(description=f"MiniMind-V {stage} training")
@@ -193,7 +198,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default="out")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--num_workers", type=number_in(int, 0), default=4)
+    g.add_argument("--num_workers", type=number_in(int, 0), default=min(4, usable_cpus()),
+                   help="data loading processes per GPU (default: 4, at most the CPUs this process may use)")
     g.add_argument("--log_interval", type=number_in(int, 1), default=10)
     g.add_argument("--save_interval", type=number_in(int, 1), default=500, help="save weights + resume state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <save_weight>.resume if it exists")
@@ -654,9 +660,11 @@ class StepLogger:
         if self.wandb:
             self.wandb.log({"val_loss": val_loss}, step=self.progress.step)
 
-    def end_epoch(self, epoch, summary):
+    def end_epoch(self, epoch, data: TrainingData):
         self.bar.close()
-        self.run.info("epoch %d done. %s", epoch + 1, summary)
+        p = self.progress
+        ended = "done" if p.epoch != epoch else f"stopped after {p.steps_in_epoch} of {data.steps_per_epoch} steps"
+        self.run.info("epoch %d %s. %s", epoch + 1, ended, data.dataset.summary())
 
     def finish(self):
         a = self.args
