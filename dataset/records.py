@@ -134,6 +134,22 @@ def approx_length(messages) -> int:
 
 
 # ---------------------------------------------------------------------------- JSON / JSONL
+# Files users hand over by mistake for a JSON/JSONL one, by their first bytes.
+NOT_JSON = [(b"PK\x03\x04", "a zip archive", ": unpack it and give the file inside"),
+            (b"\x1f\x8b", "gzip-compressed", ": unpack it first"),
+            (b"\x89PNG", "a PNG picture", ""), (b"\xff\xd8\xff", "a JPEG picture", "")]
+
+
+def check_json_text(path: str, head: bytes):
+    """ValueError naming what `path` is when its first bytes show it is not JSON text, instead
+    of one 'not valid UTF-8' or 'malformed JSON' problem for each of its lines."""
+    for magic, kind, advice in NOT_JSON:
+        if head.startswith(magic):
+            raise ValueError(f"{path} is {kind}, not JSON/JSONL records{advice}")
+    if b"\0" in head:
+        raise ValueError(f"{path} holds NUL bytes: not UTF-8 JSON/JSONL text (a binary file, or UTF-16 text?)")
+
+
 def read_json_lines(path: str):
     """Yield (number, byte offset, record, error) for every record of a JSON-list or JSONL file.
 
@@ -142,6 +158,8 @@ def read_json_lines(path: str):
     JSON list that does not parse as a whole cannot be split into records: ValueError.
     """
     with open(path, "rb") as f:
+        check_json_text(path, f.read(4096))
+        f.seek(0)
         first = next((line.strip() for line in f if line.strip()), b"")
         is_list = first.lstrip(b"\xef\xbb\xbf").startswith(b"[")  # ignore a UTF-8 BOM
         f.seek(0)
@@ -304,6 +322,15 @@ class JsonRecords:
         return path
 
 
+def check_json_file(path: str):
+    """FileNotFoundError saying why, unless `path` is a file (to be read as JSON/JSONL)."""
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is a folder with no .parquet files: give a JSON/JSONL file, "
+                                f"or a folder of Parquet shards")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} not found (see README: Using the real weights and data)")
+
+
 def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix: str = "",
                  max_images: Optional[int] = None, frames: int = 4, unanswered: bool = False):
     """The source for `data_path`: Parquet (a file, a folder of shards or a glob) or JSON/JSONL.
@@ -317,6 +344,7 @@ def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix:
         raise FileNotFoundError(f"data file {data_path} not found (see README: Using the real weights and data)")
     if is_parquet(data_path):
         return ParquetRecords(data_path, frames=frames)
+    check_json_file(data_path)
     if images_dir is None:
         raise ValueError(f"{data_path} names its pictures by file: give the images folder (--images_path)")
     return JsonRecords(data_path, images_dir, image_prefix, max_images, frames, unanswered)

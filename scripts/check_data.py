@@ -2,7 +2,7 @@
 
 Runs every check the trainer would run, including the costly ones it does lazily: each record
 is tokenized and each image fully decoded. Prints every problem and a summary; the exit code is
-1 if any problem was found, else 0.
+1 if any problem was found, 2 if the data could not be opened at all, else 0.
 
     python scripts/check_data.py --data_path dataset/sft_data.jsonl --images_dir dataset/sft_images \
         --image_prefix COCO_train2014_ --max_seq_len 640
@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_path", required=True,
                         help="JSON list or JSONL file, or Parquet (a file, a folder of shards or a glob)")
-    parser.add_argument("--images_dir", default=None, help="the pictures of JSON/JSONL data (Parquet holds its own)")
+    parser.add_argument("--images_dir", "--images_path", default=None,
+                        help="the pictures of JSON/JSONL data (Parquet holds its own)")
     parser.add_argument("--image_prefix", default="", help="put before every image file name")
     parser.add_argument("--max_seq_len", type=number_in(int, 1), default=512)
     parser.add_argument("--max_images", type=number_in(int, 1), default=None)
@@ -64,10 +65,14 @@ def main(argv=None) -> int:
 
     # Problems are logged by the dataset as they are found, one line each.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    with logging_redirect_tqdm():  # keep the progress bar intact between problem lines
-        dataset = scan(args.data_path, args.images_dir, image_prefix=args.image_prefix,
-                       max_seq_len=args.max_seq_len, max_images=args.max_images,
-                       max_turns=args.max_turns)
+    try:
+        with logging_redirect_tqdm():  # keep the progress bar intact between problem lines
+            dataset = scan(args.data_path, args.images_dir, image_prefix=args.image_prefix,
+                           max_seq_len=args.max_seq_len, max_images=args.max_images,
+                           max_turns=args.max_turns)
+    except (OSError, ValueError) as e:   # no such file, not JSON, not our Parquet layout, unreadable
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     print(dataset.summary())
     return 1 if dataset.problems else 0
 

@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset.parquet import (PICTURE_COLUMNS, ParquetRecords, is_parquet,  # noqa: E402
                              layout_of, parquet_files)
-from dataset.records import BadRecord, Frame, JsonRecords, conversation  # noqa: E402
+from dataset.records import BadRecord, Frame, JsonRecords, check_json_file, conversation  # noqa: E402
 from model.config import number_in  # noqa: E402
 
 DEFAULT_ROW_GROUP_SIZE = 1000
@@ -382,8 +382,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parquet_out = args.output.lower().endswith(".parquet")
     json_out = args.output.lower().endswith((".jsonl", ".json"))
     try:
-        if args.row_group_size < 1:
-            raise ConversionError(f"--row_group_size must be >= 1, not {args.row_group_size}")
         if parquet_in and parquet_out:
             result = rewrite_parquet(args.input, args.output, args.row_group_size)
         elif parquet_in and json_out:
@@ -393,15 +391,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif parquet_out:
             if not args.images_dir:
                 raise ConversionError("--images_dir is needed: the folder the pictures are in")
-            if not os.path.isfile(args.input):
-                raise ConversionError(f"{args.input}: no such file")
+            check_json_file(args.input)
             result = json_to_parquet(args.input, args.images_dir, args.output,
                                      args.image_prefix, args.row_group_size, args.keep_order,
                                      args.strict)
         else:
             raise ConversionError(f"nothing to convert {args.input} -> {args.output}: one "
                                   f"side must be .parquet, the other .parquet/.jsonl/.json")
-    except (ConversionError, ValueError, OSError) as e:
+    except OSError as e:   # ours carry a message; the system's a file name and a reason
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in result.items()))

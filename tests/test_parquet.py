@@ -664,6 +664,19 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"a": [1]}), bad)
     assert convert_data.main(["--input", str(bad), "--output", str(tmp_path / "c.parquet")]) == 1
+    pictures = tmp_path / "pictures"   # a folder given as the input: no Parquet shards in it
+    pictures.mkdir()
+    assert convert_data.main(["--input", str(pictures), "--images_dir", str(pictures),
+                              "--output", str(tmp_path / "d.parquet")]) == 1
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the pictures folder should go")
+    good = tmp_path / "good.parquet"
+    write_official(good, official_rows(4))
+    assert convert_data.main(["--input", str(good), "--output", str(tmp_path / "e.jsonl"),
+                              "--images_dir", str(taken)]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
+    assert len(lines) == 5 and all(line.startswith("error: ") for line in lines)
     assert "found columns [a]" in lines[2]
+    assert lines[3] == f"error: {pictures} is a folder with no .parquet files: give a JSON/JSONL file, " \
+                       f"or a folder of Parquet shards"
+    assert lines[4] == f"error: {taken}: File exists"

@@ -15,6 +15,7 @@ import types
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import (CLI, EVAL, ROOT, common, eval_picture, load_cli, losses, make_data, run_cli, run_stage,
                       save_tiny_checkpoint)
@@ -390,6 +391,51 @@ def test_a_run_with_nothing_usable_stops_and_keeps_the_last_weights(tmp_path, da
         assert message.startswith("error: none of the ") and "\n" not in message, message
         assert "longer than max_seq_len=10" in message and "nothing saved" in message, message
         assert weights.read_bytes() == trained
+
+
+def wrong_data_files(folder, jsonl):
+    """(a file or folder a user might pass as --data_path by mistake, what the error must say)."""
+    import gzip
+    import zipfile
+
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "data.zip", "w") as z:
+        z.write(jsonl, "data.jsonl")
+    (folder / "data.jsonl.gz").write_bytes(gzip.compress(pathlib.Path(jsonl).read_bytes()))
+    (folder / "broken.json").write_text('[{"image": "a.jpg", ')
+    (folder / "utf16.jsonl").write_text(pathlib.Path(jsonl).read_text(), encoding="utf-16")
+    (folder / "pictures").mkdir()
+    for name in ("cat.png", "cat.jpg"):
+        Image.new("RGB", (8, 8)).save(folder / name)
+    return [(folder / "data.zip", "is a zip archive"), (folder / "data.jsonl.gz", "is gzip-compressed"),
+            (folder / "cat.png", "is a PNG picture"), (folder / "cat.jpg", "is a JPEG picture"),
+            (folder / "broken.json", "not a valid JSON list"),
+            (folder / "utf16.jsonl", "holds NUL bytes"), (folder / "pictures", "is a folder with no .parquet files")]
+
+
+def test_the_wrong_file_as_data_is_one_line(tmp_path, data, tiny_clip_dir, capsys):
+    """Not one 'malformed JSON' line per line of a zip archive, and no traceback for a folder."""
+    from scripts.check_data import main as check_main
+
+    for path, says in wrong_data_files(tmp_path / "wrong", data[0]):
+        with pytest.raises(SystemExit) as exit_info:
+            main("sft", common((str(path), data[1]), tiny_clip_dir, tmp_path / "out", "--from_scratch"))
+        message = exit_message(exit_info)
+        assert message.startswith(f"error: {path}") and says in message and "\n" not in message, message
+        assert check_main(["--data_path", str(path), "--images_path", data[1]]) == 2
+        assert_one_error_line(capsys.readouterr().err, str(path), says)
+
+
+def test_a_file_the_run_may_not_read_is_one_line(tmp_path, data, tiny_clip_dir, monkeypatch):
+    import dataset.records as records
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(records, "read_json_lines", denied)
+    with pytest.raises(SystemExit) as exit_info:
+        main("sft", common(data, tiny_clip_dir, tmp_path / "out", "--from_scratch"))
+    assert exit_message(exit_info) == f"error: {data[0]}: Permission denied"
 
 
 # ------------------------------------------------------------------------------ 10. interactive chat

@@ -132,11 +132,13 @@ def main(stage: str, argv=None):
         # User errors (missing folders, bad checkpoints, bad data under --strict): one line.
         raise SystemExit(f"error: {str(e).splitlines()[0]}")
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Checkpoints say so themselves (atomic_save); this is the history or the loss plot.
+            raise SystemExit(f"error: no space left on the device while writing {e.filename or 'the run outputs'}; "
+                             f"the weights saved so far are intact")
+        if e.filename is None:   # not about a file the user named: a real failure, keep its traceback
             raise
-        # Checkpoints say so themselves (atomic_save); this is the history or the loss plot.
-        raise SystemExit(f"error: no space left on the device while writing {e.filename or 'the run outputs'}; "
-                         f"the weights saved so far are intact")
+        raise SystemExit(f"error: {e.filename}: {e.strerror}")   # e.g. permission denied
 
 
 # =========================================================================== arguments
