@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import tempfile
 from typing import Dict, List, Optional
@@ -72,6 +73,26 @@ def remove_stale_temp_files(path: str) -> List[str]:
     return stale
 
 
+def load_torch_file(path: str, what: str = "checkpoint"):
+    """torch.load(path, weights_only=True): tensors and plain values only, so the file cannot
+    run code when read. What can go wrong is said in one CheckpointError (torch's own messages
+    run to several lines, and for a file it refuses suggest turning that protection off)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"cannot read {what} {path}: the file is empty")
+    if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":   # torch.save's zip, or an old-style pickle
+        raise CheckpointError(f"cannot read {what} {path}: not a file written by torch.save")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values, "
+                              f"which could run code") from None
+    except Exception as e:   # a truncated or damaged file
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {what} {path}: truncated or corrupt ({reason})") from None
+
+
 # The exported transformers model keeps our VLM as its `.model` attribute (modeling_minimind_v.py).
 EXPORT_PREFIX = "model."
 
@@ -83,10 +104,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         return _read_folder_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    obj = load_torch_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]   # a training resume file
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -129,11 +147,13 @@ def _read_folder_weights(folder: str) -> Dict[str, torch.Tensor]:
     path = next((os.path.join(folder, n) for n in WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))), None)
     if path is None:
         raise FileNotFoundError(f"{folder} holds no weights: expected {' or '.join(WEIGHT_FILES)}")
-    try:
-        sd = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
-                                                                             weights_only=True)
-    except Exception as e:  # pickle refused, truncated file, ...
-        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    if path.endswith(".safetensors"):
+        try:
+            sd = load_file(path)
+        except Exception as e:  # a truncated or damaged file
+            raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({e})") from None
+    else:
+        sd = load_torch_file(path)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a state_dict of tensors")
     return normalize_state_dict({k[len(EXPORT_PREFIX):] if k.startswith(EXPORT_PREFIX) else k: v

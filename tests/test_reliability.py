@@ -136,6 +136,35 @@ def test_weights_with_code_are_refused_and_never_run(tmp_path, data, tiny_clip_d
     assert not marker.exists()
 
 
+def damaged_torch_files(folder, good):
+    """(a file that is not a usable torch.save file, what the one-line error says about it)."""
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "picture.pth", format="PNG")
+    files = {"empty.pth": b"", "text.pth": b"hello\n", "cut.pth": pathlib.Path(good).read_bytes()[:1000]}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return [(folder / "empty.pth", "the file is empty"), (folder / "text.pth", "not a file written by torch.save"),
+            (folder / "picture.pth", "not a file written by torch.save"),
+            (folder / "cut.pth", "truncated or corrupt (PytorchStreamReader failed reading zip archive")]
+
+
+def test_damaged_weights_and_resume_files_are_one_line(tmp_path, data, tiny_clip_dir, chat, capsys):
+    """torch.load's own messages run to many lines (and, for a file it refuses, suggest turning
+    the protection off); an empty file made it raise an exception without a message."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for damaged, says in damaged_torch_files(tmp_path / "damaged", chat.weights):
+        assert chat.main(chat_args(chat, tiny_clip_dir, weights=str(damaged))) == 1
+        assert_one_error_line(capsys.readouterr().err, f"cannot read checkpoint {damaged}: {says}")
+        shutil.copy(damaged, out / "64_vlm_pretrain.pth.resume")
+        with pytest.raises(SystemExit) as exit_info:
+            main("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--resume"))
+        resume = out / "64_vlm_pretrain.pth.resume"
+        message = exit_message(exit_info)
+        assert message.startswith(f"error: cannot read resume file {resume}: {says}"), message
+        assert message.endswith("; delete it to start fresh") and "\n" not in message, message
+
+
 # ------------------------------------------------------------------------------ 2. picture paths
 def test_picture_paths_outside_the_images_folder_are_bad_records(tmp_path, tiny_clip_dir, caplog):
     folder = tmp_path / "d"

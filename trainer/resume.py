@@ -4,13 +4,14 @@ It is read with `torch.load(weights_only=True)`, so it can only hold tensors and
 (numbers, strings, lists, dicts): a shared or planted file cannot run code when loaded. RNG
 states are stored as tensors for that reason. Anything else is refused with one line.
 """
-import pickle
 import random
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import numpy as np
 import torch
+
+from model.checkpoint import CheckpointError, load_torch_file
 
 FORMAT = 2   # 1: the pickled format of earlier versions, refused (it could run code)
 
@@ -44,13 +45,9 @@ class Progress:
 
 def load_resume_state(path: str) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ResumeError(f"refusing to load {path}: it holds objects other than tensors and plain values, "
-                          f"which could run code (a file from an older version or not ours); "
-                          f"delete it to start fresh") from None
-    except Exception as e:   # truncated or not a torch file at all
-        raise ResumeError(f"cannot read resume file {path}: {str(e).splitlines()[0]}") from None
+        state = load_torch_file(path, "resume file")
+    except CheckpointError as e:   # not a torch file, damaged, or holding what could run code
+        raise ResumeError(f"{e}; delete it to start fresh") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ResumeError(f"{path} is not a resume file of this version; delete it to start fresh")
     return state
