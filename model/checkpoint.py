@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .config import VLMConfig, heads_for
+from .config import VLMConfig, heads_for, is_lfs_pointer
 from .vlm import MiniMindVLM, VisionProj
 
 log = logging.getLogger("minimind_v")
@@ -73,6 +73,12 @@ def remove_stale_temp_files(path: str) -> List[str]:
     return stale
 
 
+def check_not_lfs_pointer(path: str, what: str = "checkpoint"):
+    if is_lfs_pointer(path):
+        raise CheckpointError(f"cannot read {what} {path}: a Git LFS pointer, not the weights "
+                              f"(run `git lfs pull`, or download the file itself)")
+
+
 def load_torch_file(path: str, what: str = "checkpoint"):
     """torch.load(path, weights_only=True): tensors and plain values only, so the file cannot
     run code when read. What can go wrong is said in one CheckpointError (torch's own messages
@@ -81,6 +87,7 @@ def load_torch_file(path: str, what: str = "checkpoint"):
         head = f.read(4)
     if not head:
         raise CheckpointError(f"cannot read {what} {path}: the file is empty")
+    check_not_lfs_pointer(path, what)
     if not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":   # torch.save's zip, or an old-style pickle
         raise CheckpointError(f"cannot read {what} {path}: not a file written by torch.save")
     try:
@@ -148,6 +155,7 @@ def _read_folder_weights(folder: str) -> Dict[str, torch.Tensor]:
     if path is None:
         raise FileNotFoundError(f"{folder} holds no weights: expected {' or '.join(WEIGHT_FILES)}")
     if path.endswith(".safetensors"):
+        check_not_lfs_pointer(path)
         try:
             sd = load_file(path)
         except Exception as e:  # a truncated or damaged file

@@ -13,6 +13,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where the real CLIP ViT-B/32 folder goes, and where the offline demo writes its small encoder.
 DEFAULT_VISION_MODEL = os.path.join(REPO_ROOT, "model", "vision_model", "clip-vit-base-patch32")
 DEMO_VISION_MODEL = os.path.join(REPO_ROOT, "model", "vision_model", "demo-clip")
+# How a weights file cloned from the Hub without git-lfs begins: a pointer, not the weights.
+LFS_POINTER = b"version https://git-lfs"
+
+
+def is_lfs_pointer(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(LFS_POINTER)) == LFS_POINTER
 
 # `<` * 25 + `>` * 25: the span in the prompt that the 50 visual tokens overwrite.
 # In the MiniMind tokenizer `<` is id 30 and `>` is id 32 (tests check this).

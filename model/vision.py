@@ -10,6 +10,7 @@
 """
 import contextlib
 import io
+import json
 import os
 import threading
 import warnings
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from .config import is_lfs_pointer
 
 REAL_CLIP_HINT = ("download openai/clip-vit-base-patch32 (config.json, preprocessor_config.json, "
                   "model.safetensors or pytorch_model.bin) into that folder, or run "
@@ -150,9 +153,31 @@ class ImagePreprocessor:
         return scale, mean, std
 
 
+CLIP_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 def check_vision_folder(path: str):
+    """One line naming what is wrong with the CLIP folder at `path` (missing, incomplete, a Git
+    LFS pointer instead of the weights, another kind of model), before transformers' own errors."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"vision model not found at {path}: {REAL_CLIP_HINT}")
+    weights = [os.path.join(path, n) for n in CLIP_WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
+    missing = [] if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else ["preprocessor_config.json"]
+    missing += [] if weights else [" or ".join(CLIP_WEIGHT_FILES)]
+    if missing:
+        raise FileNotFoundError(f"the vision model at {path} is incomplete ({' and '.join(missing)} missing): "
+                                f"{REAL_CLIP_HINT}")
+    if is_lfs_pointer(weights[0]):
+        raise FileNotFoundError(f"{weights[0]} is a Git LFS pointer, not the weights: run `git lfs pull` "
+                                f"in {path}, or download the file itself")
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{path}/config.json is not a JSON object: {REAL_CLIP_HINT}") from None
+    if model_type not in ("clip", "clip_vision_model"):
+        raise ValueError(f"{path} holds a {model_type!r} model, not CLIP: point --vision_model at the CLIP "
+                         f"ViT-B/32 folder")
 
 
 def processor_size(processor) -> int:

@@ -136,14 +136,19 @@ def test_weights_with_code_are_refused_and_never_run(tmp_path, data, tiny_clip_d
     assert not marker.exists()
 
 
+LFS_POINTER_FILE = b"version https://git-lfs.github.com/spec/v1\noid sha256:0123abcd\nsize 605247071\n"
+
+
 def damaged_torch_files(folder, good):
     """(a file that is not a usable torch.save file, what the one-line error says about it)."""
     folder.mkdir()
     Image.new("RGB", (8, 8)).save(folder / "picture.pth", format="PNG")
-    files = {"empty.pth": b"", "text.pth": b"hello\n", "cut.pth": pathlib.Path(good).read_bytes()[:1000]}
+    files = {"empty.pth": b"", "text.pth": b"hello\n", "cut.pth": pathlib.Path(good).read_bytes()[:1000],
+             "lfs.pth": LFS_POINTER_FILE}
     for name, content in files.items():
         (folder / name).write_bytes(content)
     return [(folder / "empty.pth", "the file is empty"), (folder / "text.pth", "not a file written by torch.save"),
+            (folder / "lfs.pth", "a Git LFS pointer, not the weights"),
             (folder / "picture.pth", "not a file written by torch.save"),
             (folder / "cut.pth", "truncated or corrupt (PytorchStreamReader failed reading zip archive")]
 
@@ -163,6 +168,39 @@ def test_damaged_weights_and_resume_files_are_one_line(tmp_path, data, tiny_clip
         message = exit_message(exit_info)
         assert message.startswith(f"error: cannot read resume file {resume}: {says}"), message
         assert message.endswith("; delete it to start fresh") and "\n" not in message, message
+
+
+def broken_clip_folders(folder, good):
+    """(a CLIP folder with something wrong, what the one-line error says about it)."""
+    def variant(name, leave_out=(), config=None, weights=None):
+        path = folder / name
+        path.mkdir(parents=True)
+        for item in os.listdir(good):
+            if item not in leave_out:
+                shutil.copy(os.path.join(good, item), path / item)
+        if config:
+            (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), **config}))
+        if weights is not None:
+            (path / "model.safetensors").write_bytes(weights)
+        return path
+
+    assert sorted(os.listdir(good)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    return [(variant("no_weights", ["model.safetensors"]), "is incomplete (model.safetensors or pytorch_model.bin missing)"),
+            (variant("no_processor", ["preprocessor_config.json"]), "is incomplete (preprocessor_config.json missing)"),
+            (variant("lfs", weights=LFS_POINTER_FILE), "model.safetensors is a Git LFS pointer, not the weights"),
+            (variant("siglip", config={"model_type": "siglip_vision_model"}), "holds a 'siglip_vision_model' model, not CLIP")]
+
+
+def test_a_broken_vision_model_folder_is_one_line(tmp_path, data, tiny_clip_dir, chat, capsys):
+    """A download cut short or cloned without git-lfs, or another encoder: transformers' own
+    errors for these are tracebacks or several lines; here one line says what is wrong."""
+    for folder, says in broken_clip_folders(tmp_path / "clips", tiny_clip_dir):
+        assert chat.main(chat_args(chat, str(folder))) == 1
+        assert_one_error_line(capsys.readouterr().err, says)
+        with pytest.raises(SystemExit) as exit_info:
+            main("sft", common(data, str(folder), tmp_path / "out", "--from_scratch"))
+        message = exit_message(exit_info)
+        assert message.startswith("error:") and says in message and "\n" not in message, message
 
 
 # ------------------------------------------------------------------------------ 2. picture paths
