@@ -189,7 +189,8 @@ def _open_parquet(path: str, memory_map: bool = False) -> pq.ParquetFile:
         # front, i.e. while indexing the whole compressed text column at once.
         return pq.ParquetFile(path, memory_map=memory_map, pre_buffer=False)
     except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"{path}: not a Parquet file ({e})") from None
+        reason = " ".join(str(e).split()).split(". ")[0]
+        raise ValueError(f"{path}: not a Parquet file, or one cut short ({reason})") from None
 
 
 def layout_of(path: str) -> str:
@@ -217,6 +218,34 @@ def _warn_if_row_groups_are_large(path: str, md: pq.FileMetaData) -> None:
 
 def _numpy(array) -> np.ndarray:
     return pc.fill_null(array, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def arrow_reason(error: Exception) -> str:
+    """An Arrow error in one line (its messages run over several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _text_lengths(path: str, pf: pq.ParquetFile, text_is_json: bool) -> List[np.ndarray]:
+    """Length estimates of every row of a file, in batches. A damaged row group (a download cut
+    or corrupted in the middle) would stop the whole read: then the file is read again group by
+    group, and the rows of each unreadable one get 0 here; reading them later raises BadRecord,
+    so they are counted and skipped like any bad record (or stop a --strict run)."""
+    try:
+        return [_estimate_lengths(batch.column(0), text_is_json)
+                for batch in pf.iter_batches(batch_size=INDEX_BATCH_ROWS, columns=[TEXT_COLUMN])]
+    except (OSError, pa.ArrowException):
+        pass
+    lengths = []
+    for group in range(pf.metadata.num_row_groups):
+        try:
+            column = pf.read_row_group(group, columns=[TEXT_COLUMN], use_threads=False).column(0)
+            lengths.append(_estimate_lengths(column.combine_chunks(), text_is_json))
+        except (OSError, pa.ArrowException) as e:
+            rows = pf.metadata.row_group(group).num_rows
+            logger.warning("%s row group %d is unreadable (%s): its %d rows will be skipped", path, group,
+                           arrow_reason(e), rows)
+            lengths.append(np.zeros(rows, dtype=np.int32))
+    return lengths
 
 
 def _estimate_lengths(column, text_is_json: bool) -> np.ndarray:
@@ -380,9 +409,7 @@ class ParquetRecords:
             with _open_parquet(path, memory_map) as pf:
                 index = _describe(path, pf)
                 _warn_if_row_groups_are_large(path, pf.metadata)
-                lengths += [_estimate_lengths(batch.column(0), index.text_is_json)
-                            for batch in pf.iter_batches(batch_size=INDEX_BATCH_ROWS,
-                                                         columns=[TEXT_COLUMN])]
+                lengths += _text_lengths(path, pf, index.text_is_json)
             self._files.append(index)
         self._file_starts = np.cumsum([0] + [f.n_rows for f in self._files], dtype=np.int64)
         self.approx_lengths = (np.concatenate(lengths) if lengths
@@ -437,8 +464,7 @@ class ParquetRecords:
                 return self._parquet_file(file_no).read_row_group(row_group, columns=columns,
                                                                   use_threads=False)
             except (OSError, pa.ArrowException) as e:
-                raise BadRecord(f"unreadable row group: {f.path} row group {row_group} "
-                                f"({type(e).__name__}: {e})") from None
+                raise BadRecord(f"unreadable row group: {f.path} row group {row_group} ({arrow_reason(e)})") from None
 
         self._in_this_process()
         return self._cache.get((file_no, row_group, part), load)

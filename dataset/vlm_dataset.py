@@ -208,7 +208,12 @@ class VLMDataset(Dataset):
             else:
                 raw = self.source.read(row)
                 n_pictures = len(raw.pictures)
-            messages = conversation(raw.turns, n_pictures, self.max_images)
+            try:
+                messages = conversation(raw.turns, n_pictures, self.max_images)
+            except BadRecord:
+                if self.features is not None and not n_pictures:
+                    self.source.read(row)   # no picture cached: if they are unreadable, say that instead
+                raise
             kept, ids, mask = self._fit(self._limit_turns(messages))
             n_images = sum(m["content"].count(IMAGE_MARK) for m in kept if m["role"] == "user")
             # The model swaps placeholder spans for pictures in order: they must match.

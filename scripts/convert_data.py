@@ -42,7 +42,7 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataset.parquet import (PICTURE_COLUMNS, ParquetRecords, is_parquet,  # noqa: E402
+from dataset.parquet import (PICTURE_COLUMNS, ParquetRecords, arrow_reason, is_parquet,  # noqa: E402
                              layout_of, parquet_files)
 from dataset.records import BadRecord, Frame, JsonRecords, check_json_file, conversation  # noqa: E402
 from model.config import number_in  # noqa: E402
@@ -327,6 +327,16 @@ def _tables_of(batches: Iterable[pa.RecordBatch], rows: int) -> Iterable[pa.Tabl
         yield pa.Table.from_batches(pending)
 
 
+def _readable_batches(pf: pq.ParquetFile, path: str, batch_size: int) -> Iterable[pa.RecordBatch]:
+    """The file's batches; a damaged part stops the rewrite in one line (rewriting keeps every
+    row, so it cannot skip some: the JSONL conversion can)."""
+    try:
+        yield from pf.iter_batches(batch_size=batch_size)
+    except (OSError, pa.ArrowException) as e:
+        raise ConversionError(f"{path} is damaged ({arrow_reason(e)}): download it again, or convert it "
+                              f"to JSONL, which skips the rows that cannot be read") from None
+
+
 def rewrite_parquet(spec: str, output: str, row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
                     progress: bool = True) -> dict:
     """Rewrite Parquet file(s) into one file with small row groups: same schema, same rows in
@@ -348,7 +358,7 @@ def rewrite_parquet(spec: str, output: str, row_group_size: int = DEFAULT_ROW_GR
             tqdm(total=total, desc="rewriting", unit=" rows", disable=not progress) as bar:
         for path in files:
             with pq.ParquetFile(path, memory_map=True) as pf:
-                batches = pf.iter_batches(batch_size=min(row_group_size, 1024))
+                batches = _readable_batches(pf, path, batch_size=min(row_group_size, 1024))
                 for table in _tables_of(batches, row_group_size):
                     out.write_table(table.cast(schema), row_group_size=row_group_size)
                     bar.update(table.num_rows)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import damaged_copy
 from dataset.parquet import ParquetRecords, is_parquet, layout_of, parquet_files
 from dataset.records import BadRecord, RawRecord
 from dataset.records import read_records
@@ -680,3 +682,20 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert lines[3] == f"error: {pictures} is a folder with no .parquet files: give a JSON/JSONL file, " \
                        f"or a folder of Parquet shards"
     assert lines[4] == f"error: {taken}: File exists"
+
+
+def test_a_damaged_file_is_rewritten_never_and_converted_without_its_unreadable_rows(tmp_path, capsys):
+    source = tmp_path / "good.parquet"
+    write_official(source, official_rows(40), row_group_size=10)
+    damaged = damaged_copy(source, tmp_path / "damaged.parquet", [(2, "conversations")])
+    rewritten = tmp_path / "rewritten.parquet"
+    assert convert_data.main(["--input", damaged, "--output", str(rewritten)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {damaged} is damaged (OSError: ") and "convert it to JSONL" in err[-1]
+    assert not rewritten.exists()   # rewriting keeps every row: it does not write a file without some
+    good = parquet_to_json(str(source), str(tmp_path / "all.jsonl"), str(tmp_path / "pictures"), progress=False)
+    capsys.readouterr()
+    result = parquet_to_json(damaged, str(tmp_path / "rows.jsonl"), str(tmp_path / "pictures"), progress=False)
+    assert result["rows"] + result["bad"] == good["rows"] + good["bad"] == 40
+    assert 0 < good["rows"] - result["rows"] <= 10   # the good rows of row group 2, and only those
+    assert re.search(r"^ +10  unreadable row group$", capsys.readouterr().err, re.M)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import ROOT, common, losses, make_data, run_stage
+from conftest import ROOT, common, damaged_copy, losses, make_data, run_stage
 from dataset.vlm_dataset import Skipped, VLMDataset
 from model.config import IMAGE_PLACEHOLDER_IDS
 from scripts.convert_data import json_to_parquet, standin_picture
@@ -130,3 +130,20 @@ def test_two_nodes_with_their_own_cache_folders_train_like_one(tmp_path, both, t
     # split the wrong way between the nodes would move most weights by ~1e-3.
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-3)
+
+
+def test_damaged_row_groups_are_counted_and_skipped_live_and_cached(tmp_path, both, tiny_clip_dir, caplog):
+    """Row group 1's text and row group 2's pictures cannot be read: indexing goes on (it stopped
+    with pyarrow's traceback), and their 16 rows are skipped as 'unreadable row group' problems,
+    reading pictures live or from the cache (which took them for rows without pictures)."""
+    parquet = damaged_copy(both[1][0], tmp_path / "damaged.parquet", [(1, "conversations"), (2, "image_bytes")])
+    steps = ("--from_scratch", "--epochs", "1", "--batch_size", "4")
+    for name, extra in (("live", ()), ("cached", ("--cache_features",))):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert run_stage("pretrain", common((parquet, ""), tiny_clip_dir, tmp_path / name, *steps, *extra)) == 0
+        assert "damaged.parquet row group 1 is unreadable (OSError: " in caplog.text
+        kinds = {message.split("  ")[-1]: int(message.split()[0]) for message in
+                 caplog.text.split("problem(s):")[-1].splitlines()[1:] if message.strip().endswith("row group")}
+        assert kinds == {"unreadable row group": 16}, caplog.text[-2000:]
+        assert len(losses(tmp_path / name / "64_vlm_pretrain.pth")) == 8   # the epoch ran to its end
