@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:   # no such file, not JSON, not our Parquet layout, unreadable
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the scan was not finished", file=sys.stderr)
+        return 130
     print(dataset.summary())
     return 1 if dataset.problems else 0
 

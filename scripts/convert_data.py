@@ -414,6 +414,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConversionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.output} was not written", file=sys.stderr)
+        return 130
     print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in result.items()))
     return 0
 

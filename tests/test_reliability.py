@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (CLI, EVAL, ROOT, common, eval_picture, load_cli, losses, make_data, run_cli, run_stage,
-                      save_tiny_checkpoint)
+from conftest import (CLI, EVAL, ROOT, common, eval_picture, history, load_cli, losses, make_data, run_cli,
+                      run_stage, save_tiny_checkpoint)
 from trainer.trainer import main
 
 PRETRAIN = os.path.join(ROOT, "1-pretrain_vlm.py")
@@ -317,6 +317,59 @@ def test_disk_full_during_training_is_one_line(tmp_path, data, tiny_clip_dir, mo
     assert str(weights) in message and "intact" in message
     assert weights.read_bytes() == saved["step 1"]
     assert sorted(os.listdir(out)) == ["64_vlm_pretrain.pth", "64_vlm_pretrain.pth.resume"]
+
+
+# ------------------------------------------------------------------------------ 4b. Ctrl-C
+def test_ctrl_c_says_what_was_kept_and_resume_goes_on(tmp_path, data, tiny_clip_dir, monkeypatch, capsys):
+    import trainer.trainer as trainer
+
+    real_step = trainer.optimizer_step
+
+    def ctrl_c_at(step):
+        calls = []
+
+        def optimizer_step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == step:
+                raise KeyboardInterrupt
+            return real_step(*args, **kwargs)
+        return optimizer_step
+
+    out = tmp_path / "out"
+    weights = out / "64_vlm_pretrain.pth"
+    # 8 records, batch 4: 2 steps an epoch, saved at every epoch's end and every 3 steps
+    argv = common(data, tiny_clip_dir, out, "--from_scratch", "--epochs", "8", "--save_interval", "3")
+    for step, says in ((2, "interrupted at step 1 of 16, before the first save (every 3 steps, --save_interval): "
+                           "no weights were written"),
+                       (4, f"interrupted at step 3 of 16; {weights} and its resume file hold step 3: "
+                           f"run the same command with --resume to go on from there")):
+        monkeypatch.setattr(trainer, "optimizer_step", ctrl_c_at(step))
+        with pytest.raises(SystemExit) as exit_info:
+            main("pretrain", argv)
+        assert exit_info.value.code == 130   # as a shell reports a run stopped by Ctrl-C
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == says
+        assert weights.exists() == (step == 4)
+    monkeypatch.setattr(trainer, "optimizer_step", real_step)
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", argv + ["--resume"])
+    assert exit_info.value.code == 0   # it went on from step 3, and logged each step once:
+    assert [h["step"] for h in history(weights) if "loss" in h] == list(range(1, 17))
+
+
+def test_ctrl_c_in_the_data_scripts_is_one_line(tmp_path, data, monkeypatch, capsys):
+    from scripts import check_data, convert_data
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(check_data, "scan", ctrl_c)
+    monkeypatch.setattr(convert_data, "json_to_parquet", ctrl_c)
+    out = tmp_path / "data.parquet"
+    assert check_data.main(["--data_path", data[0], "--images_path", data[1]]) == 130
+    assert convert_data.main(["--input", data[0], "--images_dir", data[1], "--output", str(out)]) == 130
+    assert capsys.readouterr().err.split() == (["interrupted:", "the", "scan", "was", "not", "finished"]
+                                               + ["interrupted:", str(out), "was", "not", "written"])
 
 
 # ------------------------------------------------------------------------------ 5. stale temp files

@@ -86,28 +86,33 @@ def train(args) -> int:
     logger = StepLogger(args, run, progress)
 
     model.train()
-    while progress.step < total_steps:
-        epoch = progress.epoch
-        data.sampler.set_epoch(epoch, start_step=progress.steps_in_epoch)
-        logger.start_epoch(data)
-        for micro_batches in steps_of(data.loader, args.accumulation_steps):
-            data.note_skipped(micro_batches)
-            lr = lr_at(progress.step, total_steps, warmup, args.learning_rate)
-            loss, grad_norm = optimizer_step(run, ddp_model, optimizer, micro_batches, lr, args.grad_clip)
-            progress.advance(data.steps_per_epoch)
-            last = progress.step >= total_steps
-            logged = logger.after_step(loss, grad_norm, lr, micro_batches, last)
-            saving = progress.step % args.save_interval == 0 or last or progress.epoch != epoch
-            if logged or saving:   # before saving: a run that found nothing usable stops there
-                data.share_problems(run, last)
-            if val is not None and (progress.step % args.val_interval == 0 or last):
-                logger.validation(validate(run, model, val))
-            if saving:
-                save_checkpoint(args, run, model, optimizer, progress)
-            if last:
-                break
-        data.check_left_out(run, epoch)
-        logger.end_epoch(epoch, data)
+    saved_step = progress.step or None   # a resumed run starts from its last save
+    try:
+        while progress.step < total_steps:
+            epoch = progress.epoch
+            data.sampler.set_epoch(epoch, start_step=progress.steps_in_epoch)
+            logger.start_epoch(data)
+            for micro_batches in steps_of(data.loader, args.accumulation_steps):
+                data.note_skipped(micro_batches)
+                lr = lr_at(progress.step, total_steps, warmup, args.learning_rate)
+                loss, grad_norm = optimizer_step(run, ddp_model, optimizer, micro_batches, lr, args.grad_clip)
+                progress.advance(data.steps_per_epoch)
+                last = progress.step >= total_steps
+                logged = logger.after_step(loss, grad_norm, lr, micro_batches, last)
+                saving = progress.step % args.save_interval == 0 or last or progress.epoch != epoch
+                if logged or saving:   # before saving: a run that found nothing usable stops there
+                    data.share_problems(run, last)
+                if val is not None and (progress.step % args.val_interval == 0 or last):
+                    logger.validation(validate(run, model, val))
+                if saving:
+                    save_checkpoint(args, run, model, optimizer, progress)
+                    saved_step = progress.step
+                if last:
+                    break
+            data.check_left_out(run, epoch)
+            logger.end_epoch(epoch, data)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(args, progress.step, total_steps, saved_step)) from None
     logger.finish()
     if dist.is_initialized():
         # All ranks leave together (rank 0 may still be writing the loss plot): once in CI a rank
@@ -123,11 +128,26 @@ def train(args) -> int:
     return 0
 
 
+class Interrupted(Exception):
+    """Ctrl-C during training; the message says what was kept."""
+
+
+def interrupted_message(args, step: int, total_steps: int, saved_step) -> str:
+    where = f"interrupted at step {step} of {total_steps}"
+    if saved_step is None:
+        return f"{where}, before the first save (every {args.save_interval} steps, --save_interval): no weights were written"
+    return (f"{where}; {args.save_weight} and its resume file hold step {saved_step}: run the same command "
+            f"with --resume to go on from there")
+
+
 def main(stage: str, argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = resolve(build_parser(stage).parse_args(argv), stage)
     try:
         sys.exit(train(args))
+    except (Interrupted, KeyboardInterrupt) as e:   # the latter: before training started
+        print(f"\n{e or 'interrupted before training started: no weights were written'}", file=sys.stderr)
+        sys.exit(130)   # the shell's code for a run stopped by Ctrl-C
     except (FileNotFoundError, ValueError, CheckpointError, ResumeError) as e:
         # User errors (missing folders, bad checkpoints, bad data under --strict): one line.
         raise SystemExit(f"error: {str(e).splitlines()[0]}")
