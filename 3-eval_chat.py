@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from dataset.records import BadRecord, conversation, open_records  # noqa: E402
-from model.config import IMAGE_MARK, number_in, size_tag  # noqa: E402
+from model.config import IMAGE_MARK, device_name, number_in, size_tag  # noqa: E402
 from model.inference import (  # noqa: E402
     DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, IMAGE_EXTENSIONS, Request, Sampling,
     UserError, check_text, iter_answers, list_images, load_model, resolve_weights, reuse_freed_memory, stream_answer)
@@ -82,7 +82,7 @@ def parse_args(argv=None):
                         "data file; one JSON line per answer (see the top of this file)")
     p.add_argument("--images_dir", default=None, help="the pictures of a JSON/JSONL --questions file")
     p.add_argument("--output", default=None, metavar="FILE", help="write --questions' JSON lines here, not stdout")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (on CUDA it is replayed as a CUDA graph either way): "
                         "costs seconds once, pays off over long sessions (README: Speed)")

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 from demo_shapes import (CLIP_FILES, generate_clip_data, generate_demo_data, make_demo_clip,  # noqa: E402
                          names_colour_and_shape, score_answer)
 from demo_shapes.clips import N_KEYFRAMES  # noqa: E402
-from model.config import DEMO_VISION_MODEL as DEMO_CLIP, VLMConfig, number_in  # noqa: E402
+from model.config import DEMO_VISION_MODEL as DEMO_CLIP, VLMConfig, device_name, number_in  # noqa: E402
 TAG = VLMConfig.from_preset("demo").tag          # output files are out/demo/{TAG}_vlm_*.pth
 # "caption" needs colour, shape and count right; the pretrain target only colour and shape (1/18).
 CHANCE = {"caption": 1 / 54, "colour": 1 / 6, "shape": 1 / 3, "position": 1 / 5, "count": 1 / 3, "multi": 1 / 2}
@@ -274,7 +274,7 @@ def main(argv=None):
     p.add_argument("--data_dir", default=os.path.join("dataset", "demo"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=number_in(int, 1), default=None, help="every stage's batch size (default: the plan's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     args.plan = "quick" if args.quick else "full"

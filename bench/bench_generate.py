@@ -37,7 +37,7 @@ from model.prompt import load_tokenizer  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
 
 from bench_train import random_clip_b32  # noqa: E402  (same folder)
-from machine import add_device_argument, check_device, cpu_name  # noqa: E402
+from machine import add_device_argument, cpu_name  # noqa: E402
 
 
 class V1Baseline:
@@ -212,7 +212,6 @@ def parse_args(argv=None):
                    help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--no_compile", action="store_true", help="leave out the torch.compile variants")
     args = p.parse_args(argv)
-    check_device(p, args.device)
     return args
 
 

@@ -130,7 +130,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from machine import add_device_argument, check_device, cpu_name  # same folder
+from machine import add_device_argument, cpu_name  # same folder
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -660,7 +660,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.samples < args.batch_size:
         p.error("--samples must be at least --batch_size")
-    check_device(p, args.device)
     return args
 
 

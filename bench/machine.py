@@ -6,8 +6,6 @@ every bench names the one it ran on."""
 import os
 import platform
 
-import torch
-
 
 def cpu_name() -> str:
     """E.g. "AMD EPYC (family 23, model 1, 2 CPUs)", from /proc/cpuinfo where there is one.
@@ -23,10 +21,8 @@ def cpu_name() -> str:
 
 
 def add_device_argument(parser):
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; never chosen automatically")
+    # Imported here: bench_data.py imports this module before torch on purpose (see there).
+    from model.config import device_name
 
-
-def check_device(parser, device: str):
-    """One line, not a traceback, when --device asks for CUDA where there is none."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    parser.add_argument("--device", type=device_name, default="cpu",
+                        help="cpu (default) or cuda; never chosen automatically")

@@ -1,12 +1,14 @@
 """Configuration of a MiniMind-V model: the decoder, the MoE options and the vision settings.
 
 Sizes are chosen with named presets (see PRESETS), never by editing defaults in source.
-Also `number_in`, the argparse type every command line uses for its numeric settings.
+Also `number_in` and `device_name`, the argparse types every command line uses for its numeric
+settings and its --device.
 """
 import argparse
 import math
 import os
 
+import torch
 from transformers import PretrainedConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +58,27 @@ def number_in(kind, low, high=None, low_open=False):
             raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
         return value
     return parse
+
+
+def device_name(text: str) -> str:
+    """An argparse type for --device: a device this machine can run on ("cpu", "cuda", "cuda:1",
+    "mps"), checked at parsing rather than in a traceback at the first tensor moved there."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise argparse.ArgumentTypeError(f"{text!r}: {build}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: Apple's MPS is not available here")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu, cuda and mps devices are supported")
+    return text
 
 
 def size_tag(dim: int, use_moe: bool = False) -> str:

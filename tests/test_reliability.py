@@ -52,7 +52,8 @@ def assert_one_error_line(stderr, *needles):
 
 
 def usage_error(capsys, parse, argv, flag):
-    """`parse(argv)` stops as argparse does on a bad value (exit code 2), in one line naming `flag`."""
+    """`parse(argv)` stops as argparse does on a bad value (exit code 2), in one line naming `flag`,
+    which it returns."""
     with pytest.raises(SystemExit) as exit_info:
         parse(argv)
     assert exit_info.value.code == 2
@@ -60,6 +61,7 @@ def usage_error(capsys, parse, argv, flag):
     assert "Traceback" not in err
     said = [line for line in err.splitlines() if "error:" in line]   # argparse: "PROG: error: ..."
     assert len(said) == 1 and f"argument {flag}" in said[0], err
+    return said[0]
 
 
 def script(out, data, clip, *extra):
@@ -494,6 +496,28 @@ def test_every_command_line_bounds_its_numbers(capsys, tmp_path):
     usage_error(capsys, check_data_main, ["--data_path", "x.jsonl", "--max_seq_len", "0"], "--max_seq_len")
     usage_error(capsys, convert_data_main, ["--input", "x.jsonl", "--output", out + ".parquet",
                                             "--row_group_size", "0"], "--row_group_size")
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("device,says", [
+    ("gpu", "is not a device (cpu, cuda, cuda:N or mps)"), ("xla", "only cpu, cuda and mps devices are supported"),
+    ("cuda:99", "'cuda:99': "), ("mps", "'mps': Apple's MPS is not available here")])
+def test_a_device_this_machine_lacks_is_a_usage_error(capsys, chat, tmp_path, device, says):
+    """At parsing, in every command line with --device (a CPU-only torch asked for cuda raised an
+    AssertionError in training)."""
+    import demo
+    from trainer.trainer import build_parser
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_generate
+        import bench_train
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    out = str(tmp_path / "out")
+    for parse in (build_parser("pretrain").parse_args, chat.parse_args, bench_train.parse_args,
+                  bench_generate.parse_args, lambda argv: demo.main(argv + ["--out_dir", out, "--data_dir", out])):
+        assert says in usage_error(capsys, parse, ["--device", device], "--device")
     assert not os.path.exists(out)
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from dataset.vlm_dataset import Skipped, VLMDataset, make_collate, problem_kinds
 from model.checkpoint import (CheckpointError, atomic_save, load_weights, model_state_dict,
                               remove_stale_temp_files)
-from model.config import DEFAULT_VISION_MODEL, IGNORE_INDEX, PRESETS, VLMConfig, number_in
+from model.config import DEFAULT_VISION_MODEL, IGNORE_INDEX, PRESETS, VLMConfig, device_name, number_in
 from model.language import count_targets
 from model.prompt import load_tokenizer
 from model.vision import ImagePreprocessor, VisionEncoder
@@ -219,7 +219,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                    help="torch.compile each decoder block (see README: Speed for when it pays)")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", default="out")
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     g.add_argument("--num_workers", type=number_in(int, 0), default=min(4, usable_cpus()),
                    help="data loading processes per GPU (default: 4, at most the CPUs this process may use)")
     g.add_argument("--log_interval", type=number_in(int, 1), default=10)
