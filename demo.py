@@ -71,13 +71,19 @@ def train_stage(script, stage_args, data, images, plan, args, extra=()):
            "--epochs", str(plan["epochs"]), "--learning_rate", str(plan["lr"]),
            "--batch_size", str(args.batch_size or plan["batch_size"]), "--max_seq_len", "512", "--cache_features",
            "--num_workers", "0", "--log_interval", "10", "--save_interval", "100000",
-           "--seed", str(args.seed), *stage_args, *extra]
+           "--seed", str(args.seed), "--device", args.device, *stage_args, *extra]
     if args.no_progress:
         cmd.append("--no_progress")
     print("$ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    code = subprocess.run(cmd, cwd=ROOT).returncode
+    if code:   # the stage said why on its own stderr
+        raise StageFailed(f"{script} stopped (exit code {code}); the demo stops with it", code)
     return time.time() - t0
+
+
+class StageFailed(Exception):
+    """A training stage that did not finish: its own error line is already on the screen."""
 
 
 def sft_as_parquet(data_dir) -> str:
@@ -176,6 +182,16 @@ def picture_grid(results, path, n=12, cols=4, cell=160, slots=2):
     grid.save(path)
 
 
+def machine(device: str) -> str:
+    """What the report says the demo ran on."""
+    cores = f"{os.cpu_count()} CPU cores"
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name(torch.device(device))}, {cores}"
+    return cores if device == "cpu" else f"{device}, {cores}"
+
+
 def write_report(args, plan, timings, acc_final, acc_caption, results, caption_results, video=None):
     """`video`: the video stage's results, accuracy and picture_accuracy (the video model's on
     the picture questions), when it ran."""
@@ -184,7 +200,7 @@ def write_report(args, plan, timings, acc_final, acc_caption, results, caption_r
     report = {"plan": args.plan, "timings_s": timings, "accuracy": acc_final,
               "pretrain_caption_accuracy": acc_caption["caption"],
               "pretrain_caption_colour_shape": colour_shape(caption_results), "chance": CHANCE,
-              "n_heldout": len(results), "machine": f"{os.cpu_count()} CPU cores"}
+              "n_heldout": len(results), "machine": machine(args.device)}
     if video:
         picture_grid(video["results"], os.path.join(out, "video_strip.png"), n=VIDEO_SHOWN, cols=2, cell=112,
                      slots=N_KEYFRAMES)
@@ -193,7 +209,7 @@ def write_report(args, plan, timings, acc_final, acc_caption, results, caption_r
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False, indent=1)
     lines = ["# MiniMind-V offline demo", "",
-             f"Plan `{args.plan}` on {os.cpu_count()} CPU cores, demo LLM trained from scratch, "
+             f"Plan `{args.plan}` on {machine(args.device)}, demo LLM trained from scratch, "
              "frozen random demo CLIP.", "", "## Wall time", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     lines += ["", "## Held-out accuracy (pictures; model: sft_multi)", "", "| question | accuracy | chance |",
@@ -277,6 +293,20 @@ def main(argv=None):
     p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
+    try:
+        return run_demo(args)
+    except StageFailed as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return e.args[1] if e.args[1] == 130 else 1
+    except OSError as e:   # an output folder that cannot be made, a full disk, ...
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def run_demo(args) -> int:
     args.plan = "quick" if args.quick else "full"
     plan = PLANS[args.plan]
     os.makedirs(args.out_dir, exist_ok=True)

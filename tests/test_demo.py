@@ -33,3 +33,21 @@ def test_quick_demo_learns(tmp_path):
         losses = [h["loss"] for h in history if "loss" in h]
         assert losses[-1] < losses[0] / factor, (stage, losses)
     assert "| colour |" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_demo_that_cannot_go_on_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    """A stage that fails has said why on its own stderr; the demo adds one line (it showed a
+    CalledProcessError traceback), and so does an output folder it cannot make."""
+    import demo
+
+    for step in ("generate_demo_data", "make_demo_clip"):   # no data: the first stage stops at once
+        monkeypatch.setattr(demo, step, lambda *args, **kwargs: None)
+    monkeypatch.setattr(demo, "sft_as_parquet", lambda data_dir: os.path.join(data_dir, "sft_i2t.parquet"))
+    out, data = tmp_path / "out", tmp_path / "data"
+    assert demo.main(["--quick", "--no_progress", "--out_dir", str(out), "--data_dir", str(data)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: 1-pretrain_vlm.py stopped (exit code 1); the demo stops with it"
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    assert demo.main(["--quick", "--out_dir", str(blocked / "out"), "--data_dir", str(data)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {blocked / 'out'}: Not a directory"
