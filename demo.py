@@ -78,7 +78,7 @@ def train_stage(script, stage_args, data, images, plan, args, extra=()):
     t0 = time.time()
     code = subprocess.run(cmd, cwd=ROOT).returncode
     if code:   # the stage said why on its own stderr
-        raise StageFailed(f"{script} stopped (exit code {code}); the demo stops with it", code)
+        raise StageFailed(f"{script} stopped (exit code {code}); the demo stops with it")
     return time.time() - t0
 
 
@@ -296,8 +296,8 @@ def main(argv=None):
     try:
         return run_demo(args)
     except StageFailed as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return e.args[1] if e.args[1] == 130 else 1
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:   # an output folder that cannot be made, a full disk, ...
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         return 1

@@ -99,7 +99,7 @@ class ImagePreprocessor:
     @classmethod
     def from_pretrained(cls, path: str, squash: bool = True) -> "ImagePreprocessor":
         """The preprocessing of the CLIP folder at `path`, read without loading the model."""
-        check_vision_folder(path)
+        check_vision_folder(path, with_weights=False)
         _quiet_transformers()
         processor = clip_processor_class().from_pretrained(path, local_files_only=True)
         return cls(processor, processor_size(processor), squash)
@@ -156,18 +156,19 @@ class ImagePreprocessor:
 CLIP_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def check_vision_folder(path: str):
+def check_vision_folder(path: str, with_weights: bool = True):
     """One line naming what is wrong with the CLIP folder at `path` (missing, incomplete, a Git
-    LFS pointer instead of the weights, another kind of model), before transformers' own errors."""
+    LFS pointer instead of the weights, another kind of model), before transformers' own errors.
+    `with_weights=False`: only the preprocessing is wanted, which needs the configs alone."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"vision model not found at {path}: {REAL_CLIP_HINT}")
     weights = [os.path.join(path, n) for n in CLIP_WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
     missing = [] if os.path.isfile(os.path.join(path, "preprocessor_config.json")) else ["preprocessor_config.json"]
-    missing += [] if weights else [" or ".join(CLIP_WEIGHT_FILES)]
+    missing += [] if weights or not with_weights else [" or ".join(CLIP_WEIGHT_FILES)]
     if missing:
         raise FileNotFoundError(f"the vision model at {path} is incomplete ({' and '.join(missing)} missing): "
                                 f"{REAL_CLIP_HINT}")
-    if is_lfs_pointer(weights[0]):
+    if weights and is_lfs_pointer(weights[0]):
         raise FileNotFoundError(f"{weights[0]} is a Git LFS pointer, not the weights: run `git lfs pull` "
                                 f"in {path}, or download the file itself")
     try:
