@@ -359,6 +359,22 @@ def test_ctrl_c_says_what_was_kept_and_resume_goes_on(tmp_path, data, tiny_clip_
     assert [h["step"] for h in history(weights) if "loss" in h] == list(range(1, 17))
 
 
+def test_resuming_with_other_data_or_another_seed_is_one_line(tmp_path, data, tiny_clip_dir):
+    """The steps left depend on both: with 4 records instead of 8 the run counted as finished and
+    ended at once, saving what it had loaded."""
+    out = tmp_path / "out"
+    run_stage("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "3"))
+    fewer = make_data(tmp_path / "fewer", n=4)
+    resume_file = out / "64_vlm_pretrain.pth.resume"
+    for other, says in (((fewer, "--seed", "42"), "by a run over 8 usable samples; this run has 4"),
+                        ((data, "--seed", "7"), "was written with --seed 42, which orders the data; "
+                                                "resume with --seed 42")):
+        with pytest.raises(SystemExit) as exit_info:
+            main("pretrain", common(other[0], tiny_clip_dir, out, "--from_scratch", "--resume", *other[1:]))
+        message = exit_message(exit_info)
+        assert message.startswith(f"error: {resume_file} ") and says in message and "\n" not in message, message
+
+
 def test_ctrl_c_in_the_data_scripts_is_one_line(tmp_path, data, monkeypatch, capsys):
     from scripts import check_data, convert_data
 

@@ -73,6 +73,19 @@ def check_same_global_batch(state: dict, path: str, batch_size: int, world: int,
                       f"processes that divides {saved}")
 
 
+def check_same_data_order(state: dict, path: str, samples: int, seed: int):
+    """The data order is drawn from the number of usable samples and the seed: with other data,
+    or another --seed, the steps left would not be the ones the run had left (and with less data
+    the run may already count as finished). Files of earlier versions do not record `samples`."""
+    saved = state.get("samples")
+    if saved is not None and saved != samples:
+        raise ResumeError(f"{path} was written by a run over {saved} usable samples; this run has {samples}: "
+                          f"resume with the same data, or start afresh without --resume")
+    if state["seed"] != seed:
+        raise ResumeError(f"{path} was written with --seed {state['seed']}, which orders the data; "
+                          f"resume with --seed {state['seed']}")
+
+
 def rng_state() -> dict:
     """This process's RNG states, as tensors and plain values."""
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()

@@ -32,8 +32,8 @@ from model.language import count_targets
 from model.prompt import load_tokenizer
 from model.vision import ImagePreprocessor, VisionEncoder
 from model.vlm import MiniMindVLM
-from trainer.resume import (FORMAT, Progress, ResumeError, check_same_global_batch, load_resume_state,
-                            rng_state, set_rng_state)
+from trainer.resume import (FORMAT, Progress, ResumeError, check_same_data_order, check_same_global_batch,
+                            load_resume_state, rng_state, set_rng_state)
 
 log = logging.getLogger("minimind_v")
 
@@ -82,7 +82,7 @@ def train(args) -> int:
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 100)
-    progress = resume(args, run, model, optimizer) if args.resume else Progress()
+    progress = resume(args, run, model, optimizer, len(data.dataset)) if args.resume else Progress()
     logger = StepLogger(args, run, progress)
 
     model.train()
@@ -105,7 +105,7 @@ def train(args) -> int:
                 if val is not None and (progress.step % args.val_interval == 0 or last):
                     logger.validation(validate(run, model, val))
                 if saving:
-                    save_checkpoint(args, run, model, optimizer, progress)
+                    save_checkpoint(args, run, model, optimizer, progress, len(data.dataset))
                     saved_step = progress.step
                 if last:
                     break
@@ -450,13 +450,14 @@ def build_model(args, run: Run, encoder):
         model, device_ids=[run.local_rank] if run.cuda else None, find_unused_parameters=True)
 
 
-def resume(args, run: Run, model, optimizer) -> Progress:
+def resume(args, run: Run, model, optimizer, samples: int) -> Progress:
     """Continue from <save_weight>.resume: weights, optimizer, position in the data, RNG."""
     if not os.path.isfile(args.resume_path):
         run.info("no resume file at %s: starting fresh", args.resume_path)
         return Progress()
     state = load_resume_state(args.resume_path)
     check_same_global_batch(state, args.resume_path, args.batch_size, run.world, args.accumulation_steps)
+    check_same_data_order(state, args.resume_path, samples, args.seed)
     load_weights(model, state["model"], name=args.resume_path)
     optimizer.load_state_dict(state["optimizer"])
     if state["scaler"]:   # empty from a bf16, fp32 or CPU run: a float16 run starts its scaler afresh
@@ -701,7 +702,7 @@ class StepLogger:
             self.wandb.finish()
 
 
-def save_checkpoint(args, run: Run, model, optimizer, progress: Progress):
+def save_checkpoint(args, run: Run, model, optimizer, progress: Progress, samples: int):
     """The weights (published layout) and the resume state, each written atomically by rank 0.
     Every rank's RNG state goes into the resume file, so each resumes its own stream."""
     rng = all_gather_objects(rng_state()) if run.world > 1 else [rng_state()]
@@ -711,7 +712,8 @@ def save_checkpoint(args, run: Run, model, optimizer, progress: Progress):
         atomic_save({"format": FORMAT, "model": weights, "optimizer": optimizer.state_dict(),
                      "scaler": run.scaler.state_dict(),
                      "rng": rng, "world_size": run.world, "batch_size": args.batch_size,
-                     "accumulation_steps": args.accumulation_steps, "seed": args.seed, **progress.to_state()},
+                     "accumulation_steps": args.accumulation_steps, "seed": args.seed, "samples": samples,
+                     **progress.to_state()},
                     args.resume_path)
     barrier()
 
