@@ -340,11 +340,9 @@ def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix:
 
     from dataset.parquet import ParquetRecords, is_parquet
 
-    if not glob.has_magic(data_path) and not os.path.exists(data_path):
-        raise FileNotFoundError(f"data file {data_path} not found (see README: Using the real weights and data)")
-    if is_parquet(data_path):
+    if is_parquet(data_path) and (glob.has_magic(data_path) or os.path.exists(data_path)):
         return ParquetRecords(data_path, frames=frames)
-    check_json_file(data_path)
+    check_json_file(data_path)   # also the one "not found" for a missing .parquet file
     if images_dir is None:
         raise ValueError(f"{data_path} names its pictures by file: give the images folder (--images_path)")
     return JsonRecords(data_path, images_dir, image_prefix, max_images, frames, unanswered)
