@@ -4,6 +4,7 @@ Loading is strict: a missing or unexpected key is an error that lists the keys, 
 silent `strict=False` is how a wrong file turns into a model that speaks nonsense. Only the
 known harmless differences of old files are normalised away (see `normalize_state_dict`).
 """
+import contextlib
 import errno
 import glob
 import io
@@ -12,7 +13,7 @@ import logging
 import os
 import pickle
 import re
-import tempfile
+import uuid
 from typing import Dict, List, Optional
 
 import torch
@@ -33,29 +34,51 @@ def _temp_prefix(path: str) -> str:
     return f".{os.path.basename(path)}.tmp-"
 
 
-def atomic_save(obj, path: str) -> None:
-    """Write `obj` to a temp file next to `path`, then rename it over `path`: a killed run or a
-    full disk never leaves a half-written checkpoint under the real name, and the previous one
-    stays intact until the new one is complete.
+def _temp_path(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.join(folder, f"{_temp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
-    The object is serialised in memory first and written with plain file writes, so a full
-    disk is reported as what it is (torch.save straight to a file reports "unexpected pos").
+
+@contextlib.contextmanager
+def atomic_output(path: str, sync: bool = True):
+    """Yield a temporary path next to `path` to write to. Once the block has finished, the file is
+    flushed to disk and renamed over `path`, so a killed run or a full disk never leaves a
+    half-written file under the real name, and the previous one stays intact until the new one is
+    complete; if the block fails, the temporary file is removed. Every file a run or a conversion
+    writes for the user (weights, resume state, feature cache index, converted data) goes through
+    here. `sync=False` skips the flush, for many small files that a rerun rewrites (a
+    conversion's pictures): a flush each would cost more than the writing.
     """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Created by the writer, not by mkstemp: the file gets the usual permissions (mkstemp's 0600
+    # made the weights unreadable to the rest of a shared box).
+    tmp = _temp_path(path)
+    try:
+        yield tmp
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save through `atomic_output`. The object is serialised in memory first and written
+    with plain file writes, so a full disk is reported as what it is (torch.save straight to a
+    file reports "unexpected pos")."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(path))
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = os.path.dirname(os.path.abspath(path))
             previous = (f"the previous {path} is intact" if os.path.exists(path) else f"no earlier {path} existed")
             raise CheckpointError(f"no space left on the device of {folder} while saving {path} "
                                   f"({len(buffer.getbuffer()) / 1e6:.0f} MB); {previous}") from None

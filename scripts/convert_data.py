@@ -22,7 +22,6 @@ group) and rows are sorted by their picture files first, so rows sharing one lan
 row group (--keep_order: no sorting). Plain pyarrow reads the file as usual.
 """
 import argparse
-import contextlib
 import hashlib
 import io
 import json
@@ -45,6 +44,7 @@ from tqdm import tqdm  # noqa: E402
 from dataset.parquet import (PICTURE_COLUMNS, ParquetRecords, arrow_reason, is_parquet,  # noqa: E402
                              layout_of, parquet_files)
 from dataset.records import BadRecord, Frame, JsonRecords, check_json_file, conversation  # noqa: E402
+from model.checkpoint import atomic_output  # noqa: E402
 from model.config import number_in  # noqa: E402
 
 DEFAULT_ROW_GROUP_SIZE = 1000
@@ -63,20 +63,6 @@ class ConversionError(Exception):
 
 # ---- shared helpers -----------------------------------------------------------------------
 
-@contextlib.contextmanager
-def atomic_output(path: str):
-    """Yield a temporary path next to `path`; rename it to `path` only if the block succeeds."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
 class Problems:
     """Bad records: one line each as they come, a count per kind at the end."""
 
@@ -91,7 +77,9 @@ class Problems:
         tqdm.write(f"{ref}: {reason}", file=sys.stderr)
 
     def summary(self) -> str:
-        lines = [f"{sum(self.kinds.values())} bad record(s) skipped" + (":" if self.kinds else "")]
+        if not self.kinds:
+            return "no bad records"
+        lines = [f"{sum(self.kinds.values())} bad record(s) skipped:"]
         lines += [f"  {n:6d}  {kind}" for kind, n in self.kinds.most_common()]
         return "\n".join(lines)
 
@@ -273,7 +261,7 @@ def _save_picture(data: bytes, images_dir: str, saved: set) -> str:
     if name not in saved:
         path = os.path.join(images_dir, name)
         if not os.path.exists(path):
-            with atomic_output(path) as tmp, open(tmp, "wb") as f:
+            with atomic_output(path, sync=False) as tmp, open(tmp, "wb") as f:
                 f.write(data)
         saved.add(name)
     return name

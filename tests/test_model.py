@@ -1,4 +1,5 @@
 """The core model: published checkpoint layout, splice, generation, vision hook, MoE."""
+import os
 import re
 
 import numpy as np
@@ -114,8 +115,11 @@ def test_atomic_save_roundtrip_through_real_loader(tmp_path, tiny_clip_dir):
     torch.manual_seed(1)
     model = MiniMindVLM(tiny_config())
     path = tmp_path / "out" / "64_vlm_sft.pth"
+    umask = os.umask(0)   # reading the umask means setting it: put it back at once
+    os.umask(umask)
     atomic_save(model_state_dict(model), str(path))
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]   # no temp file left
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask   # readable as any file (not mkstemp's 0600)
     loaded = build_vlm(str(path), vision_model_path=tiny_clip_dir, n_heads=4)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k

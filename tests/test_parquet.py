@@ -657,6 +657,10 @@ def test_outputs_are_written_atomically(tmp_path, monkeypatch, capsys):
     assert convert_data.main(["--input", source, "--images_dir", images, "--image_prefix",
                               "COCO_", "--output", str(output)]) == 0
     assert pq.ParquetFile(str(output)).metadata.num_rows == 200
+    capsys.readouterr()
+    assert convert_data.main(["--input", str(output), "--output", str(tmp_path / "back.jsonl"),
+                              "--images_dir", str(tmp_path / "back")]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "no bad records"   # not "0 bad record(s) skipped"
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):

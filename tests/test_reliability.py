@@ -265,20 +265,19 @@ def test_unwritable_output_stops_before_training(tmp_path, data, tiny_clip_dir, 
 
 # ------------------------------------------------------------------------------ 4. disk full
 def full_disk(monkeypatch, fail_now=lambda: True):
-    """Make the temp files that saves write to land on /dev/full (a real ENOSPC from the kernel)
+    """Make the temp files that saves write to lead to /dev/full (a real ENOSPC from the kernel)
     whenever fail_now() is true."""
-    import tempfile
+    import model.checkpoint as checkpoint
 
-    real = tempfile.mkstemp
+    real = checkpoint._temp_path
 
-    def mkstemp(*args, **kwargs):
-        fd, tmp = real(*args, **kwargs)
+    def temp_path(path):
+        tmp = real(path)
         if fail_now():
-            os.close(fd)
-            fd = os.open("/dev/full", os.O_WRONLY)
-        return fd, tmp
+            os.symlink("/dev/full", tmp)
+        return tmp
 
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(checkpoint, "_temp_path", temp_path)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -357,6 +356,37 @@ def test_ctrl_c_says_what_was_kept_and_resume_goes_on(tmp_path, data, tiny_clip_
         main("pretrain", argv + ["--resume"])
     assert exit_info.value.code == 0   # it went on from step 3, and logged each step once:
     assert [h["step"] for h in history(weights) if "loss" in h] == list(range(1, 17))
+
+
+def test_ctrl_c_while_saving_finishes_the_pair(tmp_path, data, tiny_clip_dir, monkeypatch, capsys):
+    """Ctrl-C between writing the weights and the resume file left them one save apart."""
+    import signal
+
+    import trainer.trainer as trainer
+
+    real_save, saves = trainer.atomic_save, []
+
+    def atomic_save(obj, path):
+        saves.append(path)
+        if len(saves) == 3:   # step 2's weights, after step 1's pair: Ctrl-C arrives now
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, path)
+
+    monkeypatch.setattr(trainer, "atomic_save", atomic_save)
+    out = tmp_path / "out"
+    weights = out / "64_vlm_pretrain.pth"
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "4",
+                                "--save_interval", "1"))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"interrupted at step 2 of 4; {weights} and its resume file hold step 2:")
+    assert len(saves) == 4   # the resume file was written too, and nothing after it
+    resume = torch.load(out / "64_vlm_pretrain.pth.resume", weights_only=True)
+    assert resume["step"] == 2
+    saved = torch.load(weights, weights_only=True)
+    assert all(torch.equal(saved[k], resume["model"][k]) for k in saved)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_resuming_with_other_data_or_another_seed_is_one_line(tmp_path, data, tiny_clip_dir):

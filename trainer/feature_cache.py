@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset.records import BadRecord, Frame
 from dataset.vlm_dataset import load_pictures
+from model.checkpoint import atomic_output
 
 NO_ROW = -1
 
@@ -68,10 +69,8 @@ def picture_key(picture) -> bytes:
 
 
 def _save_atomic(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
         write(f)
-    os.replace(tmp, path)
 
 
 def _save_json(path, obj):

@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import List
@@ -25,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from dataset.vlm_dataset import Skipped, VLMDataset, make_collate, problem_kinds
-from model.checkpoint import (CheckpointError, atomic_save, load_weights, model_state_dict,
+from model.checkpoint import (CheckpointError, atomic_output, atomic_save, load_weights, model_state_dict,
                               remove_stale_temp_files)
 from model.config import DEFAULT_VISION_MODEL, IGNORE_INDEX, PRESETS, VLMConfig, device_name, number_in
 from model.language import count_targets
@@ -105,8 +107,9 @@ def train(args) -> int:
                 if val is not None and (progress.step % args.val_interval == 0 or last):
                     logger.validation(validate(run, model, val))
                 if saving:
-                    save_checkpoint(args, run, model, optimizer, progress, len(data.dataset))
-                    saved_step = progress.step
+                    with ctrl_c_held_back():
+                        save_checkpoint(args, run, model, optimizer, progress, len(data.dataset))
+                        saved_step = progress.step
                 if last:
                     break
             data.check_left_out(run, epoch)
@@ -130,6 +133,25 @@ def train(args) -> int:
 
 class Interrupted(Exception):
     """Ctrl-C during training; the message says what was kept."""
+
+
+@contextlib.contextmanager
+def ctrl_c_held_back():
+    """Hold a Ctrl-C back until the block is done, then raise it: the weights and the resume file
+    are saved as a pair, so an interrupt never leaves them one save apart. (Only where Python's
+    own Ctrl-C handler is in place: a launcher that ignores SIGINT keeps its choice.)"""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def interrupted_message(args, step: int, total_steps: int, saved_step) -> str:
@@ -735,10 +757,9 @@ def plot_losses(history, path, title):
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # =========================================================================== processes
