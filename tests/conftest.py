@@ -186,6 +186,31 @@ def save_tiny_checkpoint(path, seed=0):
     return str(path)
 
 
+def published_folder(folder, weights_pth, file_name="pytorch_model.bin"):
+    """A folder laid out as the v1 release: the original config.json (its keys, its remote
+    code in auto_map, max_seq_len 200) and the weights with the tied embedding stored once."""
+    sd = torch.load(weights_pth, weights_only=True)
+    sd.pop("output.weight")
+    dim = sd["tok_embeddings.weight"].shape[1]
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["Transformer"], "auto_map": {"AutoConfig": "LMConfig.LMConfig",
+                                                       "AutoModelForCausalLM": "model.Transformer"},
+        "dim": dim, "n_layers": n_layers, "n_heads": 16, "n_kv_heads": 8, "vocab_size": 6400, "hidden_dim": None,
+        "multiple_of": 64, "norm_eps": 1e-05, "max_seq_len": 200, "dropout": 0.0, "flash_attn": True,
+        "image_special_token": "<" * 25 + ">" * 25, "image_ids": [30] * 25 + [32] * 25, "use_moe": False,
+        "model_type": "minimind", "torch_dtype": "float32", "transformers_version": "4.44.0"}))
+    # The remote code it names must never run: make it fail loudly if it did.
+    (folder / "model.py").write_text("raise SystemExit('remote code ran')\n")
+    if file_name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / file_name))
+    else:
+        torch.save(sd, folder / file_name)
+    return str(folder)
+
+
 def eval_picture(i=0):
     return sorted(os.listdir(EVAL))[i]
 

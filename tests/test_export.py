@@ -10,7 +10,8 @@ import torch
 
 from model import inference as inf
 from model.vision import load_image
-from conftest import EVAL, ROOT, common, eval_picture, make_data, run_cli, run_stage, save_tiny_checkpoint
+from conftest import (EVAL, ROOT, common, eval_picture, make_data, published_folder, run_cli, run_stage,
+                      save_tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +122,39 @@ def test_our_loader_and_cli_accept_the_export(export_dir, ours, tokenizer):
 
 
 def test_export_refuses_missing_weights(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_model.py"),
-                             "--weight", str(tmp_path / "absent.pth")],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = export_command("--weight", str(tmp_path / "absent.pth"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "absent.pth" in result.stderr and not os.path.exists(tmp_path / "out")
+
+
+def export_command(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_model.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_a_published_v1_folder_exports_to_the_same_weights(checkpoint, tiny_clip_dir, tmp_path):
+    """It was refused as "already an exported folder"; it is the file users have."""
+    v1 = published_folder(tmp_path / "minimind-v-v1-small", checkpoint)
+    out = tmp_path / "minimind-v-v1-small-hf"
+    result = export_command("--weight", v1, "--out_dir", str(out), "--vision_model", tiny_clip_dir)
+    assert result.returncode == 0, result.stderr
+    exported = inf.load_model(str(out)).state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in torch.load(checkpoint, weights_only=True).items())
+    again = export_command("--weight", str(out), "--out_dir", str(tmp_path / "again"))
+    assert again.returncode == 1 and again.stderr == f"error: {out} is already an exported folder\n"
+
+
+def test_export_output_problems_are_one_line(checkpoint, tiny_clip_dir, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    v1 = published_folder(tmp_path / "v1", checkpoint)
+    for out_dir, says in ((a_file, f"--out_dir {a_file} is a file, not a folder"),
+                          (a_file / "sub", f"cannot write {a_file / 'sub'}: Not a directory"),
+                          (v1, f"--out_dir {v1} is the folder being exported: choose another")):
+        weights = v1 if out_dir == v1 else checkpoint
+        result = export_command("--weight", weights, "--out_dir", str(out_dir), "--vision_model", tiny_clip_dir)
+        assert result.returncode == 1 and result.stderr == f"error: {says}\n", result.stderr
+    assert a_file.read_text() == "mine" and sorted(os.listdir(v1)) == ["config.json", "model.py", "pytorch_model.bin"]
 
 
 def test_training_starts_from_an_export(export_dir, checkpoint, tiny_clip_dir, tmp_path):
