@@ -7,6 +7,7 @@ are looked for, default out/), MINIMIND_VISION_MODEL (CLIP folder; default: chos
 weights), MINIMIND_EVAL_IMAGES (sample pictures), MINIMIND_DEVICE (default cuda if available),
 MINIMIND_COMPILE=1 (compiled decoding, as 3-eval_chat.py --compile).
 """
+import argparse
 import hashlib
 import os
 import sys
@@ -17,6 +18,7 @@ sys.path.insert(0, ROOT)
 import streamlit as st  # noqa: E402
 import torch  # noqa: E402
 
+from model.config import device_name  # noqa: E402
 from model.inference import (  # noqa: E402
     DEFAULT_QUESTION, EVAL_IMAGES, WEIGHTS_HINT, Sampling, UserError, count_parameters, find_checkpoints,
     list_images, load_model, stream_answer)
@@ -112,6 +114,11 @@ def main():
     st.title("MiniMind-V")
     st.caption("A tiny vision-language model: ask it about your pictures, or a clip.")
     weights, sampling, frames = sidebar()
+    try:
+        device_name(DEVICE)   # the check the command lines' --device gets
+    except argparse.ArgumentTypeError as e:
+        st.error(f"MINIMIND_DEVICE: {e}")
+        st.stop()
     try:
         model = get_model(weights, VISION_MODEL, DEVICE)
     except UserError as e:

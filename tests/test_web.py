@@ -108,6 +108,15 @@ def test_broken_weights_show_an_error(app_env, tmp_path, monkeypatch):
     assert "cannot read checkpoint" in at.error[0].value
 
 
+@pytest.mark.parametrize("device, says", [("gpu", "MINIMIND_DEVICE: 'gpu' is not a device (cpu, cuda, cuda:N or mps)"),
+                                           ("tpu:0", "MINIMIND_DEVICE: 'tpu:0' is not a device (cpu, cuda, cuda:N or mps)")])
+def test_a_wrong_device_is_named(app_env, monkeypatch, device, says):
+    """It showed torch's list of twenty device types."""
+    monkeypatch.setenv("MINIMIND_DEVICE", device)
+    at = start_app()
+    assert [e.value for e in at.error] == [says] and len(at.chat_input) == 0
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
