@@ -315,6 +315,8 @@ def questions_main(weights, args, device, sampling) -> int:
     model = load_model(weights, args.vision_model, device, args.compile)
     tokenizer = load_tokenizer()
     try:
+        if args.output:   # its folder is made, as training makes --out_dir
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     except OSError as e:
         raise UserError(f"cannot write {args.output}: {e.strerror}") from None

@@ -224,7 +224,7 @@ def write_questions(folder):
 
 def test_cli_answers_a_question_file(chat, weights, tiny_clip_dir, model, tokenizer, tmp_path, capsys):
     questions, images = write_questions(tmp_path)
-    output = tmp_path / "answers.jsonl"
+    output = tmp_path / "results" / "answers.jsonl"   # a folder not made yet: made
     code = chat.main(chat_args(weights, tiny_clip_dir, "--questions", questions, "--images_dir", images,
                                "--batch_size", "3", "--output", str(output)))
     out, err = capsys.readouterr()
