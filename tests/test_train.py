@@ -153,6 +153,26 @@ def test_validation_loss_and_bad_records_are_counted(tmp_path, data, tiny_clip_d
         run_stage("pretrain", common((path, imgs), tiny_clip_dir, out, "--from_scratch", "--strict"))
 
 
+def test_validation_covers_every_held_out_record(tmp_path, data, tiny_clip_dir):
+    """5 held-out records: all of them, whatever the batch size (a set smaller than one batch was
+    refused, and the ragged tail of a bigger one left out). With --learning_rate 0 the model stays
+    as it starts, so batches of 2+2+1 and one batch of 5 must give the same token mean."""
+    held_out = make_data(tmp_path / "held_out", n=5)
+    losses = {}
+    for batch_size in ("2", "8"):
+        out = tmp_path / f"out{batch_size}"
+        run_stage("pretrain", common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "1",
+                                     "--learning_rate", "0", "--batch_size", batch_size,
+                                     "--val_data", held_out[0], "--val_images_path", held_out[1]))
+        losses[batch_size] = [h["val_loss"] for h in history(out / "64_vlm_pretrain.pth") if "val_loss" in h]
+    assert len(losses["2"]) == 1 and losses["8"] == pytest.approx(losses["2"], rel=1e-5)
+    only_four = make_data(tmp_path / "four", n=4)   # the 5th record changes the mean: it was counted
+    run_stage("pretrain", common(data, tiny_clip_dir, tmp_path / "out4", "--from_scratch", "--max_steps", "1",
+                                 "--learning_rate", "0", "--val_data", only_four[0], "--val_images_path", only_four[1]))
+    assert [h["val_loss"] for h in history(tmp_path / "out4" / "64_vlm_pretrain.pth") if "val_loss" in h] != \
+        pytest.approx(losses["2"], rel=1e-5)
+
+
 def test_check_data_reports_without_training(tmp_path, tiny_clip_dir, capsys, caplog):
     folder = tmp_path / "bad"
     path, imgs = make_data(folder, n=6)

@@ -432,15 +432,17 @@ def build_data(args, run: Run, tokenizer, data_path, images_path, encoder, valid
             ds.source, run.device, run.rank, run.world, all_gather=all_gather_objects, barrier=barrier,
             num_workers=args.num_workers, progress=run.master and not args.no_progress))
     run.info("%s", ds.summary())
-    accumulation = 1 if validation else args.accumulation_steps
-    if len(ds) < args.batch_size * run.world * accumulation:
+    if validation and not len(ds):
+        raise ValueError(f"{data_path} has no usable records to validate on")
+    if not validation and len(ds) < args.batch_size * run.world * args.accumulation_steps:
         raise ValueError(f"{data_path} has {len(ds)} usable records, fewer than one global batch "
-                         f"({args.batch_size} x {run.world} processes x {accumulation} accumulation steps)")
-    sampler = StepSampler(len(ds), args.batch_size, run.rank, run.world, accumulation, args.seed,
+                         f"({args.batch_size} x {run.world} processes x {args.accumulation_steps} accumulation steps)")
+    sampler = StepSampler(len(ds), args.batch_size, run.rank, run.world, args.accumulation_steps, args.seed,
                           ds.approx_lengths if args.group_by_length and not validation else None,
                           read_groups=ds.read_groups())
     loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, collate_fn=make_collate(pad_id=0), num_workers=args.num_workers,
+        ds, batch_sampler=sampler.covering_batches() if validation else sampler,
+        collate_fn=make_collate(pad_id=0), num_workers=args.num_workers,
         pin_memory=run.cuda, prefetch_factor=4 if args.num_workers else None)
     return TrainingData(ds, sampler, loader)
 
@@ -549,6 +551,12 @@ class StepSampler:
             steps = [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
         return perm, steps
 
+    def covering_batches(self) -> List[List[int]]:
+        """This rank's batches over every sample once, in epoch 0's order, the last one short:
+        for validation, where a held-out set smaller than one global batch is still a set."""
+        perm, B = self._permutation(torch.Generator().manual_seed(self.seed)), self.batch_size
+        return [perm[s:s + B] for s in range(self.rank * B, self.n, self.world * B)]
+
     def left_out(self, epoch) -> List[int]:
         """The samples of the ragged tail that `epoch` does not train on."""
         perm, steps = self._order(epoch)
@@ -638,7 +646,10 @@ def validate(run: Run, model, val: TrainingData, max_batches=50) -> float:
     for i, batch in enumerate(val.loader):
         if i >= max_batches:
             break
-        n = count_targets(batch["labels"]).to(run.device)
+        n = count_targets(batch["labels"])
+        if not n:   # every record skipped, or nothing to predict: no loss to average in
+            continue
+        n = n.to(run.device)
         with run.amp:
             total += model(**model_inputs(batch, run)).loss.float() * n
         count += n
