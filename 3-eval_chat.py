@@ -40,9 +40,9 @@ from dataset.records import BadRecord, conversation, open_records  # noqa: E402
 from model.config import IMAGE_MARK, device_name, number_in, size_tag  # noqa: E402
 from model.inference import (  # noqa: E402
     DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, IMAGE_EXTENSIONS, Request, Sampling,
-    UserError, check_text, iter_answers, list_images, load_model, resolve_weights, reuse_freed_memory, stream_answer)
+    UserError, check_text, iter_answers, list_files, load_model, resolve_weights, reuse_freed_memory, stream_answer)
 from model.prompt import load_tokenizer  # noqa: E402
-from model.video import VideoError, read_keyframes  # noqa: E402
+from model.video import VIDEO_EXTENSIONS, VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--image", nargs="+", default=None, help="picture files and/or folders "
                    "(default: dataset/eval_images, or the bird pictures with --multi)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION)
-    p.add_argument("--video", nargs="+", default=None, help="video files, each asked about through its keyframes")
+    p.add_argument("--video", nargs="+", default=None, help="video files and/or folders, each clip asked about through its keyframes")
     p.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes taken from each clip")
     p.add_argument("--multi", action="store_true", help="ask about all the pictures at once")
     p.add_argument("--interactive", action="store_true",
@@ -115,7 +115,7 @@ def load_pictures(paths):
     """[(path, image)] for every readable picture; the others get one line on stderr."""
     pictures = []
     for given in paths:
-        files = list_images([given])
+        files = list_files([given])
         if not files:
             print(f"skipped: {given} holds no pictures ({', '.join(IMAGE_EXTENSIONS)})", file=sys.stderr)
         for path in files:
@@ -127,13 +127,18 @@ def load_pictures(paths):
 
 
 def load_clips(paths, frames):
-    """A Subject for every readable clip; the others get one line on stderr."""
+    """A Subject for every readable clip (folders: the clips in them); the others get one line
+    on stderr."""
     clips = []
-    for path in paths:
-        try:
-            clips.append(Subject([path], read_keyframes(path, frames, name=path), clip=True))
-        except VideoError as e:
-            print(f"skipped: {e}", file=sys.stderr)
+    for given in paths:
+        files = list_files([given], VIDEO_EXTENSIONS)
+        if not files:
+            print(f"skipped: {given} holds no clips ({', '.join(VIDEO_EXTENSIONS)})", file=sys.stderr)
+        for path in files:
+            try:
+                clips.append(Subject([path], read_keyframes(path, frames, name=path), clip=True))
+            except VideoError as e:
+                print(f"skipped: {e}", file=sys.stderr)
     return clips
 
 

@@ -21,11 +21,11 @@ import torch  # noqa: E402
 from model.config import device_name  # noqa: E402
 from model.inference import (  # noqa: E402
     DEFAULT_QUESTION, EVAL_IMAGES, WEIGHTS_HINT, Sampling, UserError, count_parameters, find_checkpoints,
-    list_images, load_model, stream_answer)
-from model.video import VideoError, read_keyframes  # noqa: E402
+    list_files, load_model, stream_answer)
+from model.video import VIDEO_EXTENSIONS, VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
 
-VIDEO_TYPES = ["mp4", "webm", "mov", "avi", "mkv", "m4v"]
+VIDEO_TYPES = [e.lstrip(".") for e in VIDEO_EXTENSIONS]
 
 OUT_DIR = os.environ.get("MINIMIND_OUT_DIR", os.path.join(ROOT, "out"))
 VISION_MODEL = os.environ.get("MINIMIND_VISION_MODEL") or None
@@ -79,7 +79,7 @@ def pictures():
                                type=["png", "jpg", "jpeg", "webp", "bmp", "gif"])
     samples = {}
     if os.path.isdir(SAMPLES_DIR):
-        samples = {os.path.basename(p): p for p in list_images([SAMPLES_DIR])}
+        samples = {os.path.basename(p): p for p in list_files([SAMPLES_DIR])}
     chosen = st.multiselect("…or sample pictures", list(samples))
     found = []
     for name, source in [(f.name, f) for f in uploads or []] + [(n, samples[n]) for n in chosen]:

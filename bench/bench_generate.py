@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from model.config import VLMConfig  # noqa: E402
-from model.inference import DEFAULT_QUESTION, EVAL_IMAGES, build_prompt_ids, list_images  # noqa: E402
+from model.inference import DEFAULT_QUESTION, EVAL_IMAGES, build_prompt_ids, list_files  # noqa: E402
 from model.vision import load_image  # noqa: E402
 from model.prompt import load_tokenizer  # noqa: E402
 from model.vlm import MiniMindVLM  # noqa: E402
@@ -226,7 +226,7 @@ def main(argv=None):
     config = VLMConfig.from_preset("512")
     model = MiniMindVLM(config, random_clip_b32()).eval().to(device, dtype)
     tokenizer = load_tokenizer()
-    image = load_image(list_images([EVAL_IMAGES])[0])
+    image = load_image(list_files([EVAL_IMAGES])[0])
     input_ids = torch.tensor([build_prompt_ids(tokenizer, DEFAULT_QUESTION, 1)], device=device)
     baseline = V1Baseline(model)
 

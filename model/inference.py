@@ -190,13 +190,14 @@ def count_parameters(model) -> int:
 
 
 # -- pictures -----------------------------------------------------------------------------------
-def list_images(paths: Iterable[str]) -> List[str]:
-    """Files as given, folders expanded to the pictures in them (sorted by name)."""
+def list_files(paths: Iterable[str], extensions: Tuple[str, ...] = IMAGE_EXTENSIONS) -> List[str]:
+    """Files as given, folders expanded to the files in them with these extensions (pictures by
+    default), sorted by name."""
     out = []
     for path in paths:
         if os.path.isdir(path):
             out += [os.path.join(path, n) for n in sorted(os.listdir(path))
-                    if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+                    if n.lower().endswith(extensions) and not n.startswith(".")]
         else:
             out.append(path)
     return out

@@ -37,7 +37,9 @@ try:
 except ImportError:   # pictures need no PyAV: a machine without it trains on them; only clips fail
     av = None
 
-__all__ = ["VideoError", "read_keyframes", "write_video"]
+__all__ = ["VIDEO_EXTENSIONS", "VideoError", "read_keyframes", "write_video"]
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
 
 VideoSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
 

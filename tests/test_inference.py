@@ -76,11 +76,12 @@ def test_vision_model_is_chosen_by_the_projector_width(tiny_clip_dir, tmp_path, 
 
 
 # -- pictures -----------------------------------------------------------------------------------
-def test_list_images_expands_folders(tmp_path):
-    for name in ["b.png", "a.JPG", "c.txt", ".hidden.png"]:
+def test_list_files_expands_folders(tmp_path):
+    for name in ["b.png", "a.JPG", "c.txt", ".hidden.png", "d.MP4"]:
         (tmp_path / name).write_bytes(b"")
-    listed = inf.list_images([str(tmp_path), "x.gif"])
+    listed = inf.list_files([str(tmp_path), "x.gif"])
     assert [os.path.basename(p) for p in listed] == ["a.JPG", "b.png", "x.gif"]
+    assert [os.path.basename(p) for p in inf.list_files([str(tmp_path)], (".mp4",))] == ["d.MP4"]
 
 
 # -- prompts and decoding -----------------------------------------------------------------------

@@ -56,6 +56,14 @@ def test_cli_answers_clips_and_skips_bad_files(tmp_path, out_dir, tiny_clip_dir,
     greedy = inf.Sampling(temperature=0, max_new_tokens=8)
     assert line["answer"] == inf.answer(model, tokenizer, frames, "发生了什么？", sampling=greedy, clip=True)
 
+    # A folder stands for the clips in it, as --image takes a folder of pictures.
+    (tmp_path / "pictures").mkdir()
+    by_folder = run_cli("--weight", os.path.join(out_dir, "64_vlm_sft.pth"), "--vision_model", tiny_clip_dir,
+                        "--video", str(tmp_path), str(tmp_path / "pictures"), "--frames", "3", "--json",
+                        "--temperature", "0", "--max_new_tokens", "8", "--prompt", "发生了什么？")
+    assert by_folder.returncode == 0 and by_folder.stdout == proc.stdout, by_folder.stderr
+    assert by_folder.stderr.strip().splitlines()[-1].startswith(f"skipped: {tmp_path / 'pictures'} holds no clips (.mp4")
+
 
 def test_cli_interactive_about_a_clip(tmp_path, out_dir, tiny_clip_dir):
     (tmp_path / "good.mp4").write_bytes(clip_bytes())
