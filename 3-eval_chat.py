@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--image", nargs="+", default=None, help="picture files and/or folders "
                    "(default: dataset/eval_images, or the bird pictures with --multi)")
     p.add_argument("--prompt", default=DEFAULT_QUESTION)
-    p.add_argument("--video", nargs="+", default=None, help="video files and/or folders, each clip asked about through its keyframes")
+    p.add_argument("--video", nargs="+", default=None,
+                   help="video files and/or folders, each clip asked about through its keyframes")
     p.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes taken from each clip")
     p.add_argument("--multi", action="store_true", help="ask about all the pictures at once")
     p.add_argument("--interactive", action="store_true",

@@ -21,6 +21,7 @@ projection keeps colour, shape, position and count. For real pictures use the re
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -67,14 +68,15 @@ PLANS = {
 
 def train_stage(script, stage_args, data, images, plan, args, extra=()):
     cmd = [sys.executable, os.path.join(ROOT, script), "--preset", "demo", "--vision_model", DEMO_CLIP,
-           "--data_path", data, "--images_path", images, "--out_dir", args.out_dir,
+           "--data_path", data, *(["--images_path", images] if images else []), "--out_dir", args.out_dir,
            "--epochs", str(plan["epochs"]), "--learning_rate", str(plan["lr"]),
            "--batch_size", str(args.batch_size or plan["batch_size"]), "--max_seq_len", "512", "--cache_features",
            "--num_workers", "0", "--log_interval", "10", "--save_interval", "100000",
            "--seed", str(args.seed), "--device", args.device, *stage_args, *extra]
     if args.no_progress:
         cmd.append("--no_progress")
-    print("$ " + " ".join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]), flush=True)
+    # The line a user could paste to run the stage alone.
+    print("$ " + shlex.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd[1:]), flush=True)
     t0 = time.time()
     code = subprocess.run(cmd, cwd=ROOT).returncode
     if code:   # the stage said why on its own stderr
@@ -289,7 +291,8 @@ def main(argv=None):
     p.add_argument("--out_dir", default=os.path.join("out", "demo"))
     p.add_argument("--data_dir", default=os.path.join("dataset", "demo"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=number_in(int, 1), default=None, help="every stage's batch size (default: the plan's)")
+    p.add_argument("--batch_size", type=number_in(int, 1), default=None,
+                   help="every stage's batch size (default: the plan's)")
     p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
@@ -347,7 +350,8 @@ def run_demo(args) -> int:
         print("Held-out clips (video model):")
         for k, v in report["video_accuracy"].items():
             print(f"  {k:9s} {v:6.1%}   (chance {VIDEO_CHANCE[k]:.0%})")
-        print("  picture questions: " + ", ".join(f"{k} {v:.1%}" for k, v in report["video_model_picture_accuracy"].items()))
+        on_pictures = report["video_model_picture_accuracy"]
+        print("  picture questions: " + ", ".join(f"{k} {v:.1%}" for k, v in on_pictures.items()))
     print("Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"Report: {os.path.join(args.out_dir, 'report.md')}")
     return 0

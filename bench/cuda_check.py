@@ -113,7 +113,8 @@ def run_step(name, device, out):
 def describe_machine():
     import torch
 
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cuda_available": torch.cuda.is_available()}
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()

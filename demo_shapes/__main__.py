@@ -24,7 +24,8 @@ def main(argv=None):
     p.add_argument("--n_pretrain", type=number_in(int, 0), default=6000)
     p.add_argument("--n_sft", type=number_in(int, 0), default=5000)
     p.add_argument("--n_multi", type=number_in(int, 0), default=3000)
-    p.add_argument("--n_rehearsal", type=number_in(int, 0), default=500, help="single-picture records mixed into sft_multi")
+    p.add_argument("--n_rehearsal", type=number_in(int, 0), default=500,
+                   help="single-picture records mixed into sft_multi")
     p.add_argument("--n_heldout", type=number_in(int, 0), default=480)
     p.add_argument("--clip_path", default=DEMO_CLIP_PATH)
     p.add_argument("--clip_hidden_size", type=number_in(int, 1), default=512)

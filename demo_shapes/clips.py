@@ -149,7 +149,8 @@ def _gen_train(folder, seed, n):
         qtypes = rng.sample(CLIP_QTYPES, rng.randint(1, len(CLIP_QTYPES)))
         turns = []
         for k, t in enumerate(qtypes):   # the clip is marked in the first question only
-            turns += conv(rng.choice(CLIP_QUESTIONS[t]), clip_answer(t, clip_attrs(clip)), "<video>\n" if k == 0 else "")
+            mark = "<video>\n" if k == 0 else ""
+            turns += conv(rng.choice(CLIP_QUESTIONS[t]), clip_answer(t, clip_attrs(clip)), mark)
         records.append({"id": f"video_{i:06d}", "video": name, "conversations": turns})
     return records, seen
 
@@ -199,8 +200,8 @@ def generate_clip_data(out_dir=DEMO_DATA_DIR, seed=0, n_train=2000, n_heldout=16
     next to the picture sets); reuse complete output with the same settings. Returns the manifest.
     `n_rehearsal` picture records of the two-picture set (generate_demo_data's, which must be
     there) join the training set."""
-    manifest = {"version": VERSION, "clip_format": CLIP_FORMAT, "seed": seed, "n_train": n_train, "n_heldout": n_heldout,
-                "n_rehearsal": n_rehearsal, "frames": FRAMES,
+    manifest = {"version": VERSION, "clip_format": CLIP_FORMAT, "seed": seed, "n_train": n_train,
+                "n_heldout": n_heldout, "n_rehearsal": n_rehearsal, "frames": FRAMES,
                 "files": {k: {"data": d, "clips": c} for k, (d, c) in CLIP_FILES.items()}}
     manifest_path = os.path.join(out_dir, CLIP_MANIFEST)
     if not force and os.path.isfile(manifest_path):

@@ -227,8 +227,8 @@ def check_minimind_keys(sd: Dict[str, torch.Tensor], name: str):
     if not missing and any(re.match(r"layers\.0\.feed_forward\.(w1|experts\.0\.w1)\.weight$", k) for k in sd):
         return
     found = ", ".join(sorted(sd)[:5]) + (f" ... ({len(sd)} keys)" if len(sd) > 5 else "") if sd else "no keys at all"
-    raise CheckpointError(f"not a MiniMind-V checkpoint: {name} lacks {', '.join(missing) or 'the feed-forward weights'}"
-                          f" (it holds {found})")
+    lacks = ", ".join(missing) or "the feed-forward weights"
+    raise CheckpointError(f"not a MiniMind-V checkpoint: {name} lacks {lacks} (it holds {found})")
 
 
 def config_from_state_dict(sd: Dict[str, torch.Tensor], name: str = "state_dict", **overrides) -> VLMConfig:

@@ -157,7 +157,8 @@ def ctrl_c_held_back():
 def interrupted_message(args, step: int, total_steps: int, saved_step) -> str:
     where = f"interrupted at step {step} of {total_steps}"
     if saved_step is None:
-        return f"{where}, before the first save (every {args.save_interval} steps, --save_interval): no weights were written"
+        return (f"{where}, before the first save (every {args.save_interval} steps, --save_interval): "
+                "no weights were written")
     return (f"{where}; {args.save_weight} and its resume file hold step {saved_step}: run the same command "
             f"with --resume to go on from there")
 
@@ -193,7 +194,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     s = STAGES[stage]
     p = argparse.ArgumentParser(description=f"MiniMind-V {stage} training")
     if stage == "sft":
-        p.add_argument("--multi", action="store_true", help="two-image SFT: sft_multi data, starts from the SFT weights")
+        p.add_argument("--multi", action="store_true",
+                       help="two-image SFT: sft_multi data, starts from the SFT weights")
     g = p.add_argument_group("model")
     g.add_argument("--dim", type=int, default=512, choices=[512, 768], help="model width (512: 27M, 768: 109M)")
     g.add_argument("--n_layers", type=number_in(int, 1), default=None, help="default: 8 for dim 512, 16 for dim 768")
@@ -216,7 +218,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--max_images", type=number_in(int, 1), default=None,
                    help=f"pictures per record, a clip's keyframes included (default {s.max_images})")
     g.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes of a clip whose record does not say")
-    g.add_argument("--max_turns", type=number_in(int, 1), default=None, help="keep the first N exchanges (1 = v1 behaviour)")
+    g.add_argument("--max_turns", type=number_in(int, 1), default=None,
+                   help="keep the first N exchanges (1 = v1 behaviour)")
     g.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     g.add_argument("--check_data", action="store_true", help="scan the data, report problems, do not train")
     g.add_argument("--group_by_length", action="store_true", help="batch samples of similar length")
@@ -230,7 +233,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=number_in(int, 1), default=None, help="stop after this many optimizer steps")
     g.add_argument("--batch_size", type=number_in(int, 1), default=16, help="per process")
     g.add_argument("--learning_rate", type=number_in(float, 0), default=s.learning_rate)
-    g.add_argument("--weight_decay", type=number_in(float, 0), default=0.01, help="on matrices only (not norms or biases)")
+    g.add_argument("--weight_decay", type=number_in(float, 0), default=0.01,
+                   help="on matrices only (not norms or biases)")
     g.add_argument("--warmup_steps", type=number_in(int, 0), default=None, help="default: 1%% of the steps")
     g.add_argument("--accumulation_steps", type=number_in(int, 1), default=1)
     g.add_argument("--grad_clip", type=number_in(float, 0, low_open=True), default=1.0)
@@ -245,7 +249,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=number_in(int, 0), default=min(4, usable_cpus()),
                    help="data loading processes per GPU (default: 4, at most the CPUs this process may use)")
     g.add_argument("--log_interval", type=number_in(int, 1), default=10)
-    g.add_argument("--save_interval", type=number_in(int, 1), default=500, help="save weights + resume state every N steps")
+    g.add_argument("--save_interval", type=number_in(int, 1), default=500,
+                   help="save weights + resume state every N steps")
     g.add_argument("--resume", action="store_true", help="continue from <save_weight>.resume if it exists")
     g.add_argument("--use_wandb", action="store_true")
     g.add_argument("--wandb_project", default="MiniMind-V")
