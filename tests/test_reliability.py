@@ -389,6 +389,36 @@ def test_ctrl_c_while_saving_finishes_the_pair(tmp_path, data, tiny_clip_dir, mo
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_under_torchrun_each_rank_says_why_in_a_line_of_its_own(tmp_path, tiny_clip_dir):
+    """Every rank's "error: ..." came out at once, run together on one line."""
+    missing = str(tmp_path / "absent.jsonl")
+    proc = run_script(TORCHRUN + script(tmp_path / "out", (missing, str(tmp_path)), tiny_clip_dir)[1:])
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if "error: " in line and "absent.jsonl" in line]
+    assert sorted(said) == [f"[rank 1] error: data file {missing} not found (see README: Using the real weights and data)",
+                            f"error: data file {missing} not found (see README: Using the real weights and data)"], said
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_is_said_once(tmp_path, data, tiny_clip_dir):
+    """A terminal's Ctrl-C goes to torchrun and every rank: one line says what was kept, not one per rank."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(TORCHRUN + script(out, data, tiny_clip_dir, "--epochs", "500", "--save_interval", "2")[1:],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "64_vlm_pretrain.pth.resume").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)   # what Ctrl-C in the terminal does: the whole process group
+    _, stderr = proc.communicate(timeout=120)
+    said = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+    assert len(said) == 1 and "and its resume file hold step" in said[0], stderr[-3000:]
+    assert "[rank 1]" not in stderr
+
+
 def test_resuming_with_other_data_or_another_seed_is_one_line(tmp_path, data, tiny_clip_dir):
     """The steps left depend on both: with 4 records instead of 8 the run counted as finished and
     ended at once, saving what it had loaded."""

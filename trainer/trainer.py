@@ -169,19 +169,32 @@ def main(stage: str, argv=None):
     try:
         sys.exit(train(args))
     except (Interrupted, KeyboardInterrupt) as e:   # the latter: before training started
-        print(f"\n{e or 'interrupted before training started: no weights were written'}", file=sys.stderr)
+        # A terminal's Ctrl-C reaches every rank, and they all hold the same saved step: rank 0 says so.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\n{e or 'interrupted before training started: no weights were written'}", file=sys.stderr)
         sys.exit(130)   # the shell's code for a run stopped by Ctrl-C
     except (FileNotFoundError, ValueError, CheckpointError, ResumeError) as e:
         # User errors (missing folders, bad checkpoints, bad data under --strict): one line.
-        raise SystemExit(f"error: {str(e).splitlines()[0]}")
+        stop(f"error: {str(e).splitlines()[0]}")
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             # Checkpoints say so themselves (atomic_save); this is the history or the loss plot.
-            raise SystemExit(f"error: no space left on the device while writing {e.filename or 'the run outputs'}; "
-                             f"the weights saved so far are intact")
+            stop(f"error: no space left on the device while writing {e.filename or 'the run outputs'}; "
+                 f"the weights saved so far are intact")
         if e.filename is None:   # not about a file the user named: a real failure, keep its traceback
             raise
-        raise SystemExit(f"error: {e.filename}: {e.strerror}")   # e.g. permission denied
+        stop(f"error: {e.filename}: {e.strerror}")   # e.g. permission denied
+
+
+def stop(message: str):
+    """Exit with a one-line error. Under torchrun every failing rank says why (under --strict
+    only the rank that read the bad record fails), each line in one write, so that several
+    ranks' lines never run into one another, and the ranks after 0 name themselves."""
+    if "RANK" not in os.environ:
+        raise SystemExit(message)
+    rank = int(os.environ["RANK"])
+    os.write(sys.stderr.fileno(), f"{f'[rank {rank}] ' if rank else ''}{message}\n".encode(errors="replace"))
+    raise SystemExit(1)
 
 
 # =========================================================================== arguments
