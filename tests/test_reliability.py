@@ -399,6 +399,19 @@ def test_under_torchrun_each_rank_says_why_in_a_line_of_its_own(tmp_path, tiny_c
                             f"error: data file {missing} not found (see README: Using the real weights and data)"], said
 
 
+def test_strict_under_torchrun_stops_every_rank_at_the_bad_record(tmp_path, tiny_clip_dir):
+    """The rank that read a broken picture stopped alone; the other showed gloo's "Connection
+    closed by peer" traceback at its next collective."""
+    data, images = make_data(tmp_path / "data", n=8)
+    (pathlib.Path(images) / "5.png").write_bytes(b"not a picture")
+    proc = run_script(TORCHRUN + script(tmp_path / "out", (data, images), tiny_clip_dir, "--strict")[1:])
+    assert proc.returncode != 0
+    said = sorted(line for line in proc.stderr.splitlines() if "error: " in line)
+    assert len(said) == 2 and said[0] == "[rank 1] " + said[1], proc.stderr[-3000:]
+    assert "5.png" in said[1] and "not a readable picture" in said[1]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_ctrl_c_under_torchrun_is_said_once(tmp_path, data, tiny_clip_dir):
     """A terminal's Ctrl-C goes to torchrun and every rank: one line says what was kept, not one per rank."""

@@ -95,7 +95,7 @@ def train(args) -> int:
             data.sampler.set_epoch(epoch, start_step=progress.steps_in_epoch)
             logger.start_epoch(data)
             for micro_batches in steps_of(data.loader, args.accumulation_steps):
-                data.note_skipped(micro_batches)
+                data.note_skipped(run, micro_batches)
                 lr = lr_at(progress.step, total_steps, warmup, args.learning_rate)
                 loss, grad_norm = optimizer_step(run, ddp_model, optimizer, micro_batches, lr, args.grad_clip)
                 progress.advance(data.steps_per_epoch)
@@ -395,14 +395,25 @@ class TrainingData:
     def steps_per_epoch(self) -> int:
         return len(self.sampler) // self.sampler.accumulation
 
-    def note_skipped(self, micro_batches):
+    def note_skipped(self, run: "Run", micro_batches):
         """Records found bad while loading these batches: counted (strict: the one-line error).
-        This happens here in the main process, as a DataLoader worker cannot stop a run cleanly."""
+        This happens here in the main process, as a DataLoader worker cannot stop a run cleanly.
+        Under --strict every rank stops at once, with the same line: a rank stopping alone left
+        the others a traceback when their next collective found it gone."""
+        bad = None
         for batch in micro_batches:
             for ref, reason in batch["skipped"]:
-                self.dataset.report(ref, reason)
+                if self.dataset.strict:
+                    bad = bad or (ref, reason)
+                else:
+                    self.dataset.report(ref, reason)
             self.usable += len(batch["input_ids"])
             self.read += len(batch["input_ids"]) + len(batch["skipped"])
+        if self.dataset.strict:
+            if run.world > 1 and all_reduce_sum(torch.tensor(float(bad is not None), device=run.device)) > 0:
+                bad = next(b for b in all_gather_objects(bad) if b is not None)
+            if bad is not None:
+                self.dataset.report(*bad)   # raises the one-line error
 
     def share_problems(self, run: "Run", last: bool = False):
         """Every rank learns every rank's bad records, so counts are totals and rank 0 logs each
