@@ -432,6 +432,19 @@ def test_ctrl_c_under_torchrun_is_said_once(tmp_path, data, tiny_clip_dir):
     assert "[rank 1]" not in stderr
 
 
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, data, tiny_clip_dir, caplog):
+    out = tmp_path / "out"
+    argv = common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "2", "--resume")
+    run_stage("pretrain", argv)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert run_stage("pretrain", argv) == 0
+    assert f"{out / '64_vlm_pretrain.pth.resume'} holds step 2 of 2: nothing left to train" in caplog.text
+    assert "saved" not in caplog.text   # it said "saved ..." having saved nothing
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_resuming_with_other_data_or_another_seed_is_one_line(tmp_path, data, tiny_clip_dir):
     """The steps left depend on both: with 4 records instead of 8 the run counted as finished and
     ended at once, saving what it had loaded."""

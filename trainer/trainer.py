@@ -85,6 +85,9 @@ def train(args) -> int:
         total_steps = min(total_steps, args.max_steps)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 100)
     progress = resume(args, run, model, optimizer, len(data.dataset)) if args.resume else Progress()
+    if progress.step >= total_steps:   # --resume of a run that had finished
+        run.info("%s holds step %d of %d: nothing left to train (raise --epochs or --max_steps to go on)",
+                 args.resume_path, progress.step, total_steps)
     logger = StepLogger(args, run, progress)
 
     model.train()
@@ -693,6 +696,7 @@ class StepLogger:
     def __init__(self, args, run: Run, progress):
         self.args, self.run, self.progress = args, run, progress
         self.bar, self.wandb, self.t_start = None, None, time.time()
+        self.first_step = progress.step
         self._reset_window()
         if args.use_wandb and run.master:
             import wandb
@@ -753,8 +757,8 @@ class StepLogger:
 
     def finish(self):
         a = self.args
-        if self.run.master:
-            with open(a.save_weight + ".history.json", "w") as f:
+        if self.run.master and self.progress.step > self.first_step:   # else nothing new to say
+            with atomic_output(a.save_weight + ".history.json") as tmp, open(tmp, "w") as f:
                 json.dump(self.progress.history, f)
             plot_path = os.path.splitext(a.save_weight)[0] + "_loss.png"
             if self.progress.history:
