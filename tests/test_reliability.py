@@ -445,6 +445,22 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, data, tiny
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_wandb_that_cannot_start_is_one_line(tmp_path, data, tiny_clip_dir, monkeypatch):
+    """Not logged in (or no network): wandb's traceback, and under torchrun the other ranks'."""
+    import wandb
+
+    def not_logged_in(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", not_logged_in)
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", common(data, tiny_clip_dir, tmp_path / "out", "--from_scratch", "--use_wandb"))
+    message = exit_message(exit_info)
+    assert message.startswith("error: --use_wandb: wandb could not start (No API key configured.") and \
+        "WANDB_MODE=offline" in message and "\n" not in message, message
+    assert not (tmp_path / "out" / "64_vlm_pretrain.pth").exists()
+
+
 def test_resuming_with_other_data_or_another_seed_is_one_line(tmp_path, data, tiny_clip_dir):
     """The steps left depend on both: with 4 records instead of 8 the run counted as finished and
     ended at once, saving what it had loaded."""

@@ -413,8 +413,7 @@ class TrainingData:
             self.usable += len(batch["input_ids"])
             self.read += len(batch["input_ids"]) + len(batch["skipped"])
         if self.dataset.strict:
-            if run.world > 1 and all_reduce_sum(torch.tensor(float(bad is not None), device=run.device)) > 0:
-                bad = next(b for b in all_gather_objects(bad) if b is not None)
+            bad = first_problem_of_all_ranks(run, bad)
             if bad is not None:
                 self.dataset.report(*bad)   # raises the one-line error
 
@@ -698,14 +697,22 @@ class StepLogger:
         self.bar, self.wandb, self.t_start = None, None, time.time()
         self.first_step = progress.step
         self._reset_window()
+        problem = None
         if args.use_wandb and run.master:
             import wandb
 
             progress.wandb_id = progress.wandb_id or f"{args.wandb_run_name}-{int(time.time())}"
-            wandb.init(project=args.wandb_project, name=args.wandb_run_name, id=progress.wandb_id,
-                       resume="allow", dir=args.out_dir,
-                       config={k: v for k, v in vars(args).items() if k != "config"})
-            self.wandb = wandb
+            try:
+                wandb.init(project=args.wandb_project, name=args.wandb_run_name, id=progress.wandb_id,
+                           resume="allow", dir=args.out_dir,
+                           config={k: v for k, v in vars(args).items() if k != "config"})
+                self.wandb = wandb
+            except Exception as e:   # not logged in, no network, ...: wandb's own error types
+                problem = (f"--use_wandb: wandb could not start ({str(e).splitlines()[0]}); run `wandb login`, "
+                           f"or set WANDB_MODE=offline to log locally and `wandb sync` later")
+        problem = first_problem_of_all_ranks(run, problem)
+        if problem is not None:
+            raise ValueError(problem)
 
     def _reset_window(self):
         self.window_losses, self.window_tokens, self.window_t0 = [], 0, time.time()
@@ -816,6 +823,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(x)
     return x
+
+
+def first_problem_of_all_ranks(run: "Run", problem):
+    """The problem of the first rank that has one (None if none has), known to every rank, so
+    that all stop together: a rank that stops alone leaves the others a traceback when their
+    next collective finds it gone. Costs one small all_reduce when no rank has a problem."""
+    if run.world == 1 or all_reduce_sum(torch.tensor(float(problem is not None), device=run.device)) == 0:
+        return problem
+    return next(p for p in all_gather_objects(problem) if p is not None)
 
 
 def all_gather_objects(obj) -> list:
