@@ -298,6 +298,33 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_under_torchrun_stops_every_rank_in_one_line(tmp_path, data, tiny_clip_dir):
+    """Rank 0's save failed alone; rank 1, waiting for it, showed gloo's traceback."""
+    driver = tmp_path / "pretrain_on_a_full_disk.py"
+    driver.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import model.checkpoint as checkpoint
+real = checkpoint._temp_path
+def temp_path(path):   # the first save goes through; then the disk is full
+    tmp = real(path)
+    if os.path.exists(path):
+        os.symlink("/dev/full", tmp)
+    return tmp
+checkpoint._temp_path = temp_path
+from trainer.trainer import main
+main("pretrain")
+""")
+    out = tmp_path / "out"
+    proc = run_script(TORCHRUN + [str(driver)] + common(data, tiny_clip_dir, out, "--from_scratch", "--max_steps", "3",
+                                                         "--save_interval", "1"))
+    assert proc.returncode != 0
+    said = sorted(line for line in proc.stderr.splitlines() if "error: " in line)
+    assert len(said) == 2 and said[0] == "[rank 1] " + said[1], proc.stderr[-3000:]
+    assert said[1].startswith("error: no space left on the device") and "intact" in said[1]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_disk_full_during_training_is_one_line(tmp_path, data, tiny_clip_dir, monkeypatch):
     out = tmp_path / "out"
     weights = out / "64_vlm_pretrain.pth"

@@ -777,18 +777,25 @@ class StepLogger:
 
 def save_checkpoint(args, run: Run, model, optimizer, progress: Progress, samples: int):
     """The weights (published layout) and the resume state, each written atomically by rank 0.
-    Every rank's RNG state goes into the resume file, so each resumes its own stream."""
+    Every rank's RNG state goes into the resume file, so each resumes its own stream. A save
+    that fails (a full disk) stops every rank with its line."""
     rng = all_gather_objects(rng_state()) if run.world > 1 else [rng_state()]
+    problem = None
     if run.master:
         weights = model_state_dict(model)
-        atomic_save(weights, args.save_weight)
-        atomic_save({"format": FORMAT, "model": weights, "optimizer": optimizer.state_dict(),
-                     "scaler": run.scaler.state_dict(),
-                     "rng": rng, "world_size": run.world, "batch_size": args.batch_size,
-                     "accumulation_steps": args.accumulation_steps, "seed": args.seed, "samples": samples,
-                     **progress.to_state()},
-                    args.resume_path)
-    barrier()
+        try:
+            atomic_save(weights, args.save_weight)
+            atomic_save({"format": FORMAT, "model": weights, "optimizer": optimizer.state_dict(),
+                         "scaler": run.scaler.state_dict(),
+                         "rng": rng, "world_size": run.world, "batch_size": args.batch_size,
+                         "accumulation_steps": args.accumulation_steps, "seed": args.seed, "samples": samples,
+                         **progress.to_state()},
+                        args.resume_path)
+        except CheckpointError as e:
+            problem = str(e)
+    problem = first_problem_of_all_ranks(run, problem)   # also the barrier: no rank runs ahead of the save
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def plot_losses(history, path, title):
