@@ -297,6 +297,25 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == [path.name]   # no temp file left behind
 
 
+def test_no_room_for_the_feature_cache_is_one_line_at_once(tmp_path, data, tiny_clip_dir, monkeypatch):
+    """The shard is a memory map: writing into it on a full disk killed the process with SIGBUS,
+    part way through the encoding. Its space is now reserved first."""
+    import errno
+
+    def disk_full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", disk_full)
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", common(data, tiny_clip_dir, tmp_path / "out", "--from_scratch", "--cache_features",
+                                "--cache_dir", str(cache)))
+    message = exit_message(exit_info)
+    assert message.startswith(f"error: no space for the CLIP feature cache in {cache}") and "\n" not in message
+    assert re.search(r"8 new picture\(s\) need [\d.]+ MB, [\d,.]+ MB is free", message), message
+    assert not list(cache.rglob("shard-*"))   # the sparse file is not left behind
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_disk_full_under_torchrun_stops_every_rank_in_one_line(tmp_path, data, tiny_clip_dir):
     """Rank 0's save failed alone; rank 1, waiting for it, showed gloo's traceback."""

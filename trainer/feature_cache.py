@@ -22,10 +22,12 @@ shared cache folder, and with a folder on each node's own disk, where each node 
 pictures itself and no file written on one node is read on another.
 """
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from typing import Optional
@@ -66,6 +68,31 @@ def picture_key(picture) -> bytes:
     st = os.stat(picture)
     identity = f"{os.path.realpath(picture)}|{st.st_size}|{st.st_mtime_ns}"
     return hashlib.blake2b(identity.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+class CacheFull(ValueError):
+    """No room on the disk for the features of the pictures to encode (a one-line error)."""
+
+
+def reserve_disk_space(shard_path: str, n_pictures: int):
+    """Allocate the whole of a new (sparse) shard file before encoding into it: a memory-mapped
+    write that finds the disk full kills the process with SIGBUS, hours into the encoding,
+    where this fails at once with a line saying how much room is needed."""
+    size = os.path.getsize(shard_path)
+    try:
+        with open(shard_path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):   # a filesystem that cannot reserve: go on unchecked
+            return
+        os.unlink(shard_path)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        folder = os.path.dirname(shard_path)
+        free = shutil.disk_usage(folder).free
+        raise CacheFull(f"no space for the CLIP feature cache in {folder}: {n_pictures} new picture(s) need "
+                        f"{size / 1e6:,.1f} MB, {free / 1e6:,.1f} MB is free; put --cache_dir on a bigger disk, "
+                        f"or train without --cache_features") from None
 
 
 def _save_atomic(path, write):
@@ -185,8 +212,15 @@ class FeatureCache:
         if all(all_gather(found) if world_size > 1 else [found]):   # every rank's folder has it
             return self._store(map_path)
         lo, hi = len(source) * member // size, len(source) * (member + 1) // size
-        self._encode_block(source, lo, hi, token, rank, device, batch_size, num_workers, progress)
-        barrier()
+        try:
+            self._encode_block(source, lo, hi, token, rank, device, batch_size, num_workers, progress)
+            problem = None
+        except CacheFull as e:
+            problem = str(e)
+        # Also the barrier after encoding: a rank whose disk is full stops every rank, with its line.
+        problem = next((p for p in (all_gather(problem) if world_size > 1 else [problem]) if p), None)
+        if problem:
+            raise CacheFull(problem)
         out = map_path or os.path.join(self.dir, f".map-{token}.npz")
         if rank == group[0]:
             with self._locked():
@@ -241,8 +275,10 @@ class FeatureCache:
         shard_name, problems = f"shard-{token}-r{rank}.npy", {}
         if missing:
             tokens, width = self.encoder_output_shape()
-            shard = np.lib.format.open_memmap(os.path.join(self.dir, shard_name), mode="w+", dtype=np.float16,
+            shard_path = os.path.join(self.dir, shard_name)
+            shard = np.lib.format.open_memmap(shard_path, mode="w+", dtype=np.float16,
                                               shape=(len(missing), tokens, width))
+            reserve_disk_space(shard_path, len(missing))
             loader = DataLoader(_Missing(source, missing, self.encoder.preprocess), batch_size=batch_size,
                                 num_workers=num_workers, collate_fn=_flatten)
             bar = tqdm(total=len(missing), desc="caching CLIP features", disable=not progress, unit="img")
