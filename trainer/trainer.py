@@ -190,9 +190,9 @@ def main(stage: str, argv=None):
 
 
 def stop(message: str):
-    """Exit with a one-line error. Under torchrun every failing rank says why (under --strict
-    only the rank that read the bad record fails), each line in one write, so that several
-    ranks' lines never run into one another, and the ranks after 0 name themselves."""
+    """Exit with a one-line error. Under torchrun every failing rank says why (most errors reach
+    every rank, see `first_problem_of_all_ranks`, but one may fail alone), each line in one
+    write, so that several ranks' lines never run into one another; ranks after 0 name themselves."""
     if "RANK" not in os.environ:
         raise SystemExit(message)
     rank = int(os.environ["RANK"])
