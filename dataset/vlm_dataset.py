@@ -40,6 +40,9 @@ from model.prompt import count_placeholders, encode_conversation
 from model.video import VideoError, read_keyframes
 from model.vision import ImageError, load_image
 
+# The trainers' --max_seq_len, and what scripts/check_data.py checks against by default.
+DEFAULT_MAX_SEQ_LEN = 640
+
 logger = logging.getLogger(__name__)
 
 
@@ -97,9 +100,9 @@ class VLMDataset(Dataset):
     """
 
     def __init__(self, data_path: str, images_dir: Optional[str], tokenizer, image_ids: Sequence[int],
-                 max_seq_len: int = 512, max_turns: Optional[int] = None, image_prefix: str = "",
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_turns: Optional[int] = None, image_prefix: str = "",
                  max_images: Optional[int] = None, strict: bool = False,
-                 preprocess: Optional[Callable] = None, log_problems: bool = True, frames: int = 4):
+                 preprocess: Optional[Callable] = None, log_limit: Optional[int] = None, frames: int = 4):
         if max_turns is not None and max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, not {max_turns}")
         self.data_path = data_path
@@ -112,7 +115,9 @@ class VLMDataset(Dataset):
         self.strict = strict
         self.preprocess = preprocess
         self.features = None
-        self.log_problems = log_problems  # under torchrun only rank 0 logs; every rank counts
+        # Problems logged one by one (None: all); the rest are counted, for summary(). Under
+        # torchrun only rank 0 logs (0 on the others); every rank counts.
+        self.log_limit = log_limit
         self.indices = np.arange(len(self.source), dtype=np.int64)   # source rows still in use
 
         self.problems: List[tuple] = []  # (record_ref, reason), one per bad record
@@ -135,8 +140,12 @@ class VLMDataset(Dataset):
             return
         self._reported.add(ref)
         self.problems.append((ref, reason))
-        if self.log_problems:
+        logged = len(self.problems) if self.log_limit is None else self.log_limit
+        if len(self.problems) <= logged:
             logger.warning("%s", message)
+        elif len(self.problems) == logged + 1 and logged:
+            logger.warning("more bad records than %d: from here on they are counted, not logged one by one "
+                           "(a summary by kind after every epoch; scripts/check_data.py lists them all)", logged)
 
     def take_new_problems(self) -> List[tuple]:
         """Problems found since the last call, for sharing with the other ranks."""

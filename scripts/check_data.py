@@ -5,7 +5,11 @@ is tokenized and each image fully decoded. Prints every problem and a summary; t
 1 if any problem was found, 2 if the data could not be opened at all, else 0.
 
     python scripts/check_data.py --data_path dataset/sft_data.jsonl --images_dir dataset/sft_images \
-        --image_prefix COCO_train2014_ --max_seq_len 640
+        --image_prefix COCO_train2014_
+
+The limits default to the trainers' own (`--max_seq_len 640`), except `--max_images`: none
+unless given (the trainers allow 1 picture per record in pretraining, 4 in SFT). A training
+script's `--check_data` checks with exactly that run's flags.
 """
 import argparse
 import logging
@@ -20,7 +24,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
-from dataset.vlm_dataset import Skipped, VLMDataset  # noqa: E402
+from dataset.vlm_dataset import DEFAULT_MAX_SEQ_LEN, Skipped, VLMDataset  # noqa: E402
 from model.config import IMAGE_PLACEHOLDER_IDS, number_in  # noqa: E402
 from model.prompt import load_tokenizer  # noqa: E402
 
@@ -30,15 +34,15 @@ def _no_pixels(images):
     return torch.zeros(len(images), 3, 1, 1)
 
 
-def scan(data_path, images_dir, image_prefix="", max_seq_len=512, max_images=None,
-         max_turns=None, tokenizer=None, image_ids=IMAGE_PLACEHOLDER_IDS, progress=True):
+def scan(data_path, images_dir, image_prefix="", max_seq_len=DEFAULT_MAX_SEQ_LEN, max_images=None,
+         max_turns=None, frames=4, tokenizer=None, image_ids=IMAGE_PLACEHOLDER_IDS, progress=True):
     """Build the dataset (load-time checks) then fetch every item (decode + length checks).
 
     Returns the dataset, whose `problems` and `summary()` now cover the whole scan.
     """
     dataset = VLMDataset(data_path, images_dir, tokenizer or load_tokenizer(), image_ids,
                          max_seq_len=max_seq_len, max_turns=max_turns, image_prefix=image_prefix,
-                         max_images=max_images, preprocess=_no_pixels)
+                         max_images=max_images, frames=frames, preprocess=_no_pixels)
     for i in tqdm(range(len(dataset)), desc="checking records", disable=not progress):
         item = dataset[i]
         if isinstance(item, Skipped):
@@ -58,8 +62,12 @@ def main(argv=None) -> int:
     parser.add_argument("--images_dir", "--images_path", default=None,
                         help="the pictures of JSON/JSONL data (Parquet holds its own)")
     parser.add_argument("--image_prefix", default="", help="put before every image file name")
-    parser.add_argument("--max_seq_len", type=number_in(int, 1), default=512)
-    parser.add_argument("--max_images", type=number_in(int, 1), default=None)
+    parser.add_argument("--max_seq_len", type=number_in(int, 1), default=DEFAULT_MAX_SEQ_LEN)
+    parser.add_argument("--max_images", type=number_in(int, 1), default=None,
+                        help="pictures per record, a clip's keyframes included (default: no limit; "
+                             "training allows 1 in pretrain, 4 in SFT)")
+    parser.add_argument("--frames", type=number_in(int, 1), default=4,
+                        help="keyframes of a clip whose record does not say")
     parser.add_argument("--max_turns", type=number_in(int, 1), default=None)
     args = parser.parse_args(argv)
 
@@ -69,7 +77,7 @@ def main(argv=None) -> int:
         with logging_redirect_tqdm():  # keep the progress bar intact between problem lines
             dataset = scan(args.data_path, args.images_dir, image_prefix=args.image_prefix,
                            max_seq_len=args.max_seq_len, max_images=args.max_images,
-                           max_turns=args.max_turns)
+                           max_turns=args.max_turns, frames=args.frames)
     except (OSError, ValueError) as e:   # no such file, not JSON, not our Parquet layout, unreadable
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

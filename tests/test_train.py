@@ -184,6 +184,23 @@ def test_check_data_reports_without_training(tmp_path, tiny_clip_dir, capsys, ca
     assert not out.exists() or not list(out.glob("*.pth"))
 
 
+def test_many_bad_records_are_counted_after_the_first_lines(tmp_path, tiny_clip_dir, caplog, monkeypatch):
+    """Beyond PROBLEMS_LOGGED bad records the run stops naming each (a folder of missing
+    pictures is not worth a line per record) but still counts them all."""
+    from trainer import trainer
+
+    monkeypatch.setattr(trainer, "PROBLEMS_LOGGED", 2)
+    path, imgs = make_data(tmp_path / "d", n=12)
+    for i in (1, 4, 6, 9, 11):
+        os.remove(os.path.join(imgs, f"{i}.png"))
+    with caplog.at_level("INFO"):
+        run_stage("pretrain", common((path, imgs), tiny_clip_dir, tmp_path / "out", "--from_scratch", "--max_steps", "1"))
+    named = [r.getMessage() for r in caplog.records if "): image file missing: " in r.getMessage()]
+    assert len(named) == 2
+    assert caplog.text.count("more bad records than 2: from here on they are counted") == 1
+    assert "5 problem(s)" in caplog.text and "     5  image file missing" in caplog.text
+
+
 # ------------------------------------------------------------------------------ feature cache
 def test_cached_features_match_live_and_invalidate(tmp_path, tiny_clip_dir):
     folder = tmp_path / "d"

@@ -98,3 +98,26 @@ def test_sft_trains_on_clips_live_and_cached(tmp_path, videos, tiny_clip_dir):
     assert losses(cached / "64_vlm_sft.pth") == pytest.approx(losses(live / "64_vlm_sft.pth"), abs=2e-3)
     (folder,) = (cached / "feature_cache").iterdir()
     assert len(np.load(folder / "keys.npy")) == 16   # 4 clips x 4 keyframes, each encoded once
+
+
+def test_data_checks_count_a_clips_keyframes_as_training_would(tmp_path, videos, tiny_clip_dir, capsys):
+    """scripts/check_data.py and --check_data take --frames: 8 keyframes of 50 tokens do not fit
+    in 300 tokens where 4 do. check_data.py's limits default to the trainers' own."""
+    from scripts.check_data import main as check_main
+
+    name = clip(COLOURS, videos / "c.mp4")
+    data = tmp_path / "v.jsonl"
+    data.write_text(json.dumps(video_record(0, name), ensure_ascii=False), encoding="utf-8")
+    script = ["--data_path", str(data), "--images_dir", str(videos), "--max_seq_len", "300"]
+    assert check_main(script + ["--frames", "4"]) == 0
+    assert check_main(script + ["--frames", "8"]) == 1
+    assert "longer than max_seq_len=300" in capsys.readouterr().out
+    trainer = common((str(data), str(videos)), tiny_clip_dir, tmp_path / "out", "--check_data", "--max_seq_len", "300")
+    assert run_stage("sft", trainer + ["--frames", "4"]) == 0
+    assert run_stage("sft", trainer + ["--frames", "8"]) == 1
+
+    long_answer = video_record(1, name, answer="从左往右移动。" * 55)   # about 570 tokens with 4 keyframes
+    data.write_text(json.dumps(long_answer, ensure_ascii=False), encoding="utf-8")
+    assert run_stage("sft", trainer[:-2]) == 0                     # the trainers' default --max_seq_len
+    assert check_main(script[:-2]) == 0                            # the same default
+    assert check_main(script[:-2] + ["--max_seq_len", "512"]) == 1

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset.vlm_dataset import Skipped, VLMDataset, make_collate, problem_kinds
+from dataset.vlm_dataset import DEFAULT_MAX_SEQ_LEN, Skipped, VLMDataset, make_collate, problem_kinds
 from model.checkpoint import (CheckpointError, atomic_output, atomic_save, load_weights, model_state_dict,
                               remove_stale_temp_files)
 from model.config import DEFAULT_VISION_MODEL, IGNORE_INDEX, PRESETS, VLMConfig, device_name, number_in
@@ -217,7 +217,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--n_layers", type=number_in(int, 1), default=None, help="default: 8 for dim 512, 16 for dim 768")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named size; overrides --dim")
     g.add_argument("--use_moe", action="store_true")
-    g.add_argument("--max_seq_len", type=number_in(int, 1), default=640, help="longest sample in tokens (50 per image)")
+    g.add_argument("--max_seq_len", type=number_in(int, 1), default=DEFAULT_MAX_SEQ_LEN,
+                   help="longest sample in tokens (50 per image)")
     g.add_argument("--vision_model", default=DEFAULT_VISION_MODEL)
     g.add_argument("--init_weight", default=None,
                    help=f"starting weights, a .pth or an exported folder (default: out/{{tag}}_{s.init_from}.pth)")
@@ -352,8 +353,8 @@ def check_data_only(args, tokenizer) -> int:
     from scripts.check_data import scan
 
     checked = scan(args.data_path, args.images_path, image_prefix=args.image_prefix, max_seq_len=args.max_seq_len,
-                   max_images=args.max_images, max_turns=args.max_turns, tokenizer=tokenizer,
-                   image_ids=args.config.image_ids, progress=not args.no_progress)
+                   max_images=args.max_images, max_turns=args.max_turns, frames=args.frames,
+                   tokenizer=tokenizer, image_ids=args.config.image_ids, progress=not args.no_progress)
     print(checked.summary())
     return 1 if checked.problems else 0
 
@@ -382,6 +383,9 @@ def check_outputs_writable(args, run: Run):
 # Records read by all ranks, not one of them usable, after which a run stops (see
 # `TrainingData.share_problems`): at that point it is the flags or the data, not a bad record.
 NOTHING_USABLE_LIMIT = 256
+# Bad records logged one line each; after these they are counted (a few among millions of rows
+# are worth naming, a whole folder of missing pictures is not worth a line per record).
+PROBLEMS_LOGGED = 100
 
 
 @dataclass
@@ -454,7 +458,7 @@ class TrainingData:
 def build_data(args, run: Run, tokenizer, data_path, images_path, encoder, validation=False) -> TrainingData:
     ds = VLMDataset(data_path, images_path, tokenizer, args.config.image_ids, max_seq_len=args.max_seq_len,
                     max_turns=args.max_turns, image_prefix=args.image_prefix, max_images=args.max_images,
-                    strict=args.strict, log_problems=run.master, frames=args.frames,
+                    strict=args.strict, log_limit=PROBLEMS_LOGGED if run.master else 0, frames=args.frames,
                     preprocess=ImagePreprocessor.from_pretrained(args.vision_model, args.config.squash_images))
     if args.cache_features:
         from trainer.feature_cache import FeatureCache
