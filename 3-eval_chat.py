@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from dataset.records import BadRecord, conversation, open_records  # noqa: E402
 from model.config import IMAGE_MARK, device_name, number_in, size_tag  # noqa: E402
@@ -216,18 +217,24 @@ def open_questions(path, images_dir):
         raise UserError(str(e).splitlines()[0]) from None
 
 
-def question_requests(source, images_dir, records):
+def say(message):
+    """A line on stderr that leaves the progress bar (if any) intact."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def question_requests(source, images_dir, records, progress):
     """A Request for every usable record of `source`, appending (ref, its output fields, its
     reference answer) to `records` as it goes; the other records get one line each on stderr."""
     for ref, reason in getattr(source, "load_problems", []):   # JSON records that failed the checks
-        print(f"skipped: {ref}: {reason}", file=sys.stderr, flush=True)
+        say(f"skipped: {ref}: {reason}")
     for i in range(len(source)):
         ref = source.ref(i)
         try:
             raw = source.read(i)
             question, pictures, reference = first_exchange(raw.turns, raw.pictures)
         except BadRecord as bad:
-            print(f"skipped: {ref}: {bad}", file=sys.stderr, flush=True)
+            say(f"skipped: {ref}: {bad}")
+            progress.update()
             continue
         # Pictures stored inside the file (Parquet) have no names.
         image = (", ".join(os.path.relpath(p, images_dir) for p in pictures)
@@ -237,21 +244,20 @@ def question_requests(source, images_dir, records):
         yield Request(question, pictures)
 
 
-def answer_questions(model, tokenizer, source, args, sampling, out):
-    """One JSON line per answered record to `out`; returns how many were answered."""
-    records, answered = [], 0
-    requests = question_requests(source, args.images_dir, records)
+def answer_lines(model, tokenizer, source, args, sampling, progress):
+    """The JSON line of every answered record, in the order answered."""
+    records = []
+    requests = question_requests(source, args.images_dir, records, progress)
     for index, result in iter_answers(model, tokenizer, requests, sampling, args.batch_size):
+        progress.update()
         ref, fields, reference = records[index]
         if result.error is not None:   # a picture that cannot be read, a question too long, ...
-            print(f"skipped: {ref}: {result.error}", file=sys.stderr, flush=True)
+            say(f"skipped: {ref}: {result.error}")
             continue
-        answered += 1
         line = {**fields, "answer": result.text}
         if reference is not None:
             line["reference"] = reference
-        print(json.dumps(line, ensure_ascii=False), file=out, flush=True)
-    return answered
+        yield json.dumps(line, ensure_ascii=False)
 
 
 def interactive(model, tokenizer, subject, sampling, as_json):
@@ -326,13 +332,29 @@ def questions_main(weights, args, device, sampling) -> int:
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     except OSError as e:
         raise UserError(f"cannot write {args.output}: {e.strerror}") from None
+    to_file = out is not sys.stdout
+    answered = 0
+    # Answers going to a file leave the terminal silent: a progress bar (on a terminal) says how
+    # far it has got, and the last line how many answers the file holds.
+    progress = tqdm(total=len(source), desc="answering", unit=" records", file=sys.stderr,
+                    disable=None if to_file else True)
     try:
-        answered = answer_questions(model, tokenizer, source, args, sampling, out)
+        for line in answer_lines(model, tokenizer, source, args, sampling, progress):
+            print(line, file=out, flush=True)
+            answered += 1
+    except KeyboardInterrupt:
+        progress.close()
+        say(f"\ninterrupted: {args.output or 'stdout'} holds the {answered} answer(s) written so far")
+        return 130
     finally:
-        if out is not sys.stdout:
+        progress.close()
+        if to_file:
             out.close()
     if not answered:
         raise UserError(f"no question of {args.questions} could be answered (see the lines above)")
+    if to_file:
+        records = getattr(source, "n_read", len(source))
+        say(f"{answered} answer(s) to the {records} record(s) of {args.questions} written to {args.output}")
     return 0
 
 

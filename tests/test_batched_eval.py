@@ -1,5 +1,6 @@
 """Answering many questions at once: model.inference.answer_batch / iter_answers, the
 3-eval_chat.py --batch_size and --questions flags, and bench/bench_eval.py's smoke run."""
+import io
 import json
 import os
 import platform
@@ -232,6 +233,7 @@ def test_cli_answers_a_question_file(chat, weights, tiny_clip_dir, model, tokeni
     assert out == "" and "Traceback" not in err
     skipped = [line for line in err.splitlines() if line.startswith("skipped:")]
     assert len(skipped) == 3
+    assert err.splitlines()[-1] == f"4 answer(s) to the 7 record(s) of {questions} written to {output}"
     assert any("'missing'" in s and "image file missing" in s for s in skipped)
     assert any("'mismatch'" in s and "image count mismatch" in s for s in skipped)
     assert any("'corrupt'" in s and "not a readable picture" in s for s in skipped)
@@ -249,6 +251,41 @@ def test_cli_answers_a_question_file(chat, weights, tiny_clip_dir, model, tokeni
              inf.Request("你好，请介绍一下你自己。", [])]
     expected = one_by_one(model, tokenizer, asked, inf.Sampling(temperature=0, max_new_tokens=8))
     assert [lines[k]["answer"] for k in ("one", "two", "7")] == expected
+
+
+def test_cli_question_file_progress_and_ctrl_c(chat, weights, tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    """Answers going to --output show a progress bar on a terminal; Ctrl-C says how many
+    answers the file holds, and they are whole lines."""
+    questions, images = write_questions(tmp_path)
+    output = tmp_path / "answers.jsonl"
+    argv = chat_args(weights, tiny_clip_dir, "--questions", questions, "--images_dir", images, "--batch_size", "2",
+                     "--output", str(output))
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert chat.main(argv) == 0
+    assert "answering: 100%" in terminal.getvalue() and "7/7" not in terminal.getvalue()   # 5 records to ask
+    assert "5/5" in terminal.getvalue()
+    monkeypatch.undo()
+
+    answers = inf.iter_answers
+
+    def interrupted_after_two(*args, **kwargs):
+        for n, result in enumerate(answers(*args, **kwargs)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(chat, "iter_answers", interrupted_after_two)
+    assert chat.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == f"interrupted: {output} holds the 2 answer(s) written so far"
+    assert len([json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]) == 2
 
 
 def test_cli_answers_a_parquet_question_file(chat, weights, tiny_clip_dir, tmp_path, capsys):
