@@ -223,10 +223,12 @@ def say(message):
 
 
 def question_requests(source, images_dir, records, progress):
-    """A Request for every usable record of `source`, appending (ref, its output fields, its
-    reference answer) to `records` as it goes; the other records get one line each on stderr."""
+    """A Request for every usable record of `source`, putting (ref, its output fields, its
+    reference answer) in `records` under the request's number as it goes; the other records get
+    one line each on stderr."""
     for ref, reason in getattr(source, "load_problems", []):   # JSON records that failed the checks
         say(f"skipped: {ref}: {reason}")
+    number = 0
     for i in range(len(source)):
         ref = source.ref(i)
         try:
@@ -240,17 +242,18 @@ def question_requests(source, images_dir, records, progress):
         image = (", ".join(os.path.relpath(p, images_dir) for p in pictures)
                  if all(isinstance(p, str) for p in pictures) else None)
         fields = {"id": raw.record_id if raw.record_id is not None else ref, "image": image, "prompt": question}
-        records.append((ref, fields, reference))
+        records[number] = (ref, fields, reference)
+        number += 1
         yield Request(question, pictures)
 
 
 def answer_lines(model, tokenizer, source, args, sampling, progress):
     """The JSON line of every answered record, in the order answered."""
-    records = []
+    records = {}   # of the requests read but not answered yet: memory bounded by iter_answers' window
     requests = question_requests(source, args.images_dir, records, progress)
     for index, result in iter_answers(model, tokenizer, requests, sampling, args.batch_size):
         progress.update()
-        ref, fields, reference = records[index]
+        ref, fields, reference = records.pop(index)
         if result.error is not None:   # a picture that cannot be read, a question too long, ...
             say(f"skipped: {ref}: {result.error}")
             continue

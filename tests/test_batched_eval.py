@@ -288,6 +288,26 @@ def test_cli_question_file_progress_and_ctrl_c(chat, weights, tiny_clip_dir, tmp
     assert len([json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]) == 2
 
 
+def test_cli_question_file_keeps_only_unanswered_records(chat, weights, tiny_clip_dir, tmp_path, monkeypatch,
+                                                         capsys):
+    """A question file of millions of rows: what is kept per record lives only until it is answered."""
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "image": "", "conversations": [
+        {"from": "human", "value": f"第{i}个问题？"}]}, ensure_ascii=False) + "\n" for i in range(40)), encoding="utf-8")
+    requests, held = chat.question_requests, []
+
+    def watched(source, images_dir, records, progress):
+        for request in requests(source, images_dir, records, progress):
+            held.append(len(records))
+            yield request
+
+    monkeypatch.setattr(chat, "question_requests", watched)
+    assert chat.main(chat_args(weights, tiny_clip_dir, "--questions", str(path), "--images_dir", str(tmp_path),
+                               "--batch_size", "2")) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 40
+    assert len(held) == 40 and max(held) <= 8 * 2   # iter_answers reads 8 batches ahead
+
+
 def test_cli_answers_a_parquet_question_file(chat, weights, tiny_clip_dir, tmp_path, capsys):
     from scripts.convert_data import json_to_parquet
 
