@@ -212,9 +212,12 @@ def open_questions(path, images_dir):
         if not os.path.isdir(images_dir):
             raise UserError(f"images folder not found: {images_dir}")
     try:
-        return open_records(path, images_dir, unanswered=True)
+        source = open_records(path, images_dir, unanswered=True)
     except (OSError, ValueError) as e:   # not JSON / not our Parquet layout / unreadable
         raise UserError(str(e).splitlines()[0]) from None
+    if getattr(source, "prefix_note", None):
+        say(source.prefix_note)
+    return source
 
 
 def say(message):

@@ -208,11 +208,33 @@ def _parse_line(raw: bytes):
         return None, f"malformed JSON: {e.msg} at column {e.colno}"
 
 
+# v1's SFT records name "000000123456.jpg" where its folder holds "COCO_train2014_000000123456.jpg"
+# (v1's SFT dataset added the prefix in code).
+V1_SFT_IMAGE_PREFIX = "COCO_train2014_"
+
+
+def guess_image_prefix(path: str, images_dir: str, records_to_look_at: int = 100) -> str:
+    """V1_SFT_IMAGE_PREFIX when the first picture a record of `path` names is missing from
+    `images_dir` but is there under that prefix (v1's SFT data as downloaded), else ""."""
+    for n, (_, _, record, _) in enumerate(read_json_lines(path)):
+        value = record.get("image") if isinstance(record, dict) else None
+        if isinstance(value, str) and value.split(",")[0].strip():
+            name = value.split(",")[0].strip()
+            missing = not os.path.isfile(os.path.join(images_dir, name))
+            prefixed = os.path.isfile(os.path.join(images_dir, V1_SFT_IMAGE_PREFIX + name))
+            return V1_SFT_IMAGE_PREFIX if missing and prefixed else ""
+        if n + 1 >= records_to_look_at:
+            break
+    return ""
+
+
 class JsonRecords:
     """Records of a JSON list or JSONL file whose pictures (and clips) are files in `images_dir`.
 
     A record names its pictures in "image" ("a.jpg, b.jpg"), or a clip in "video" ("clip.mp4",
-    optionally "frames": N, else `frames`), whose one `<video>` mark becomes N keyframes.
+    optionally "frames": N, else `frames`), whose one `<video>` mark becomes N keyframes. A file's
+    name is `image_prefix` + the name; None: v1's SFT prefix where the folder's files carry it
+    (see guess_image_prefix; `prefix_note` then says so, for the caller to tell the user), else none.
 
     Built in one pass that runs the cheap checks (JSON, UTF-8, fields, turns, mark/picture
     counts, picture files inside the folder, present and not empty): bad records are listed in
@@ -221,11 +243,18 @@ class JsonRecords:
     JSONL or Parquet for big data).
     """
 
-    def __init__(self, path: str, images_dir: str, image_prefix: str = "", max_images: Optional[int] = None,
-                 frames: int = 4, unanswered: bool = False):
-        self.path, self.image_prefix, self.max_images, self.frames = path, image_prefix, max_images, frames
+    def __init__(self, path: str, images_dir: str, image_prefix: Optional[str] = None,
+                 max_images: Optional[int] = None, frames: int = 4, unanswered: bool = False):
+        self.path, self.max_images, self.frames = path, max_images, frames
         self.unanswered = unanswered   # question-only records are good (see `conversation`)
         self.images_dir = os.path.abspath(images_dir)
+        self.prefix_note = None
+        if image_prefix is None:
+            image_prefix = guess_image_prefix(path, self.images_dir)
+            if image_prefix:
+                self.prefix_note = (f"{path}: its pictures are {image_prefix}<name> in {images_dir} (v1's SFT "
+                                    f"data): read with that prefix (--image_prefix sets another, '' none)")
+        self.image_prefix = image_prefix
         self.load_problems: List[Tuple[str, str]] = []
         self.n_read = 0
         offsets, lines, lengths, kept = [], [], [], []
@@ -331,7 +360,7 @@ def check_json_file(path: str):
         raise FileNotFoundError(f"data file {path} not found (see README: Using the real weights and data)")
 
 
-def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix: str = "",
+def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix: Optional[str] = None,
                  max_images: Optional[int] = None, frames: int = 4, unanswered: bool = False):
     """The source for `data_path`: Parquet (a file, a folder of shards or a glob) or JSON/JSONL.
     `frames`: the keyframes of a clip whose record does not say. `unanswered`: JSON records may

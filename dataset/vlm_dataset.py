@@ -100,7 +100,8 @@ class VLMDataset(Dataset):
     """
 
     def __init__(self, data_path: str, images_dir: Optional[str], tokenizer, image_ids: Sequence[int],
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_turns: Optional[int] = None, image_prefix: str = "",
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_turns: Optional[int] = None,
+                 image_prefix: Optional[str] = None,
                  max_images: Optional[int] = None, strict: bool = False,
                  preprocess: Optional[Callable] = None, log_limit: Optional[int] = None, frames: int = 4):
         if max_turns is not None and max_turns < 1:
@@ -125,6 +126,9 @@ class VLMDataset(Dataset):
         for ref, reason in getattr(self.source, "load_problems", ()):
             self.report(ref, reason)
         self._shared = len(self.problems)  # every rank finds the same load-time problems
+        note = getattr(self.source, "prefix_note", None)
+        if note and self.log_limit != 0:
+            logger.warning("%s", note)
 
     # ---- problems -------------------------------------------------------------------------
 

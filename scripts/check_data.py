@@ -5,7 +5,6 @@ is tokenized and each image fully decoded. Prints every problem and a summary; t
 1 if any problem was found, 2 if the data could not be opened at all, else 0.
 
     python scripts/check_data.py --data_path dataset/sft_data.jsonl --images_dir dataset/sft_images \
-        --image_prefix COCO_train2014_
 
 The limits default to the trainers' own (`--max_seq_len 640`), except `--max_images`: none
 unless given (the trainers allow 1 picture per record in pretraining, 4 in SFT). A training
@@ -34,7 +33,7 @@ def _no_pixels(images):
     return torch.zeros(len(images), 3, 1, 1)
 
 
-def scan(data_path, images_dir, image_prefix="", max_seq_len=DEFAULT_MAX_SEQ_LEN, max_images=None,
+def scan(data_path, images_dir, image_prefix=None, max_seq_len=DEFAULT_MAX_SEQ_LEN, max_images=None,
          max_turns=None, frames=4, tokenizer=None, image_ids=IMAGE_PLACEHOLDER_IDS, progress=True):
     """Build the dataset (load-time checks) then fetch every item (decode + length checks).
 
@@ -61,7 +60,8 @@ def main(argv=None) -> int:
                         help="JSON list or JSONL file, or Parquet (a file, a folder of shards or a glob)")
     parser.add_argument("--images_dir", "--images_path", default=None,
                         help="the pictures of JSON/JSONL data (Parquet holds its own)")
-    parser.add_argument("--image_prefix", default="", help="put before every image file name")
+    parser.add_argument("--image_prefix", default=None,
+                        help="put before every image file name (default: as the training scripts)")
     parser.add_argument("--max_seq_len", type=number_in(int, 1), default=DEFAULT_MAX_SEQ_LEN)
     parser.add_argument("--max_images", type=number_in(int, 1), default=None,
                         help="pictures per record, a clip's keyframes included (default: no limit; "

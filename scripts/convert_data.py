@@ -1,8 +1,7 @@
 """Convert MiniMind-V data between JSON/JSONL + an image folder and Parquet (pictures inside).
 
     # JSON/JSONL + image folder -> Parquet in the official MiniMind-V layout
-    python scripts/convert_data.py --input sft_data.jsonl --images_dir sft_images \\
-        --image_prefix COCO_train2014_ --output sft.parquet
+    python scripts/convert_data.py --input sft_data.jsonl --images_dir sft_images --output sft.parquet
     # Parquet (official or LLaVA hub layout; a file, a folder of shards or a glob) -> JSONL + images
     python scripts/convert_data.py --input sft_i2t.parquet --output sft.jsonl --images_dir sft_imgs
     # Parquet -> Parquet with small row groups, for fast random access (pictures unchanged)
@@ -144,6 +143,8 @@ def _stage_records(data_path, images_dir, image_prefix, staging_path, problems, 
                 values.clear()
 
         records = JsonRecords(data_path, images_dir, image_prefix)   # checks every record once
+        if records.prefix_note:
+            tqdm.write(records.prefix_note, file=sys.stderr)
         for ref, reason in records.load_problems:
             problems.add(ref, reason)
         for i in tqdm(range(len(records)), desc="staging records", unit=" records", disable=not progress):
@@ -195,7 +196,7 @@ def _picture_values(paths_per_row, several: bool, standin: bytes):
     return values, len(files) + (text_only > 0), sum(map(len, paths_per_row)) + text_only
 
 
-def json_to_parquet(data_path: str, images_dir: str, output: str, image_prefix: str = "",
+def json_to_parquet(data_path: str, images_dir: str, output: str, image_prefix: Optional[str] = None,
                     row_group_size: int = DEFAULT_ROW_GROUP_SIZE, keep_order: bool = False,
                     strict: bool = False, progress: bool = True, dedupe: bool = True) -> dict:
     """Convert a JSON/JSONL file and its image folder into one Parquet file (official layout).
@@ -365,8 +366,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="a .parquet file, or a .jsonl/.json file (from Parquet input)")
     parser.add_argument("--images_dir",
                         help="the image folder: read for JSON input, written for JSON output")
-    parser.add_argument("--image_prefix", default="",
-                        help="put before every image file name (JSON input)")
+    parser.add_argument("--image_prefix", default=None,
+                        help="put before every image file name (JSON input; default: COCO_train2014_ "
+                             "where the folder's files carry it, as v1's SFT pictures do, else none)")
     parser.add_argument("--row_group_size", type=number_in(int, 1), default=DEFAULT_ROW_GROUP_SIZE,
                         help="rows per Parquet row group (default %(default)s): every random "
                              "read decodes a whole row group")

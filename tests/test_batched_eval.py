@@ -308,6 +308,20 @@ def test_cli_question_file_keeps_only_unanswered_records(chat, weights, tiny_cli
     assert len(held) == 40 and max(held) <= 8 * 2   # iter_answers reads 8 batches ahead
 
 
+def test_cli_question_file_of_v1_sft_data(chat, weights, tiny_clip_dir, tmp_path, capsys):
+    """v1's SFT data as downloaded (records name "0.png", the folder holds "COCO_train2014_0.png"):
+    --questions has no --image_prefix, and needs none."""
+    questions, images = write_questions(tmp_path)
+    for name in os.listdir(images):
+        os.rename(os.path.join(images, name), os.path.join(images, "COCO_train2014_" + name))
+    assert chat.main(chat_args(weights, tiny_clip_dir, "--questions", questions, "--images_dir", images)) == 0
+    out, err = capsys.readouterr()
+    assert "its pictures are COCO_train2014_<name>" in err
+    assert {json.loads(line)["image"] for line in out.splitlines()} == {"COCO_train2014_0.png",
+                                                                       "COCO_train2014_1.png, COCO_train2014_2.png",
+                                                                       "COCO_train2014_2.png", ""}
+
+
 def test_cli_answers_a_parquet_question_file(chat, weights, tiny_clip_dir, tmp_path, capsys):
     from scripts.convert_data import json_to_parquet
 

@@ -302,3 +302,30 @@ def test_compiled_blocks_train_like_eager(tmp_path, data, tiny_clip_dir):
     assert a.keys() == b.keys()           # published keys, no `_orig_mod.`
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=1e-3)
+
+
+def test_v1_sft_pictures_are_found_under_their_coco_prefix(tmp_path, tiny_clip_dir, caplog, capsys):
+    """v1's SFT records name "123.jpg" where its folder holds "COCO_train2014_123.jpg" (v1 added
+    the prefix in code): training, checking and converting find them without --image_prefix."""
+    from dataset.records import guess_image_prefix
+    from scripts.check_data import main as check_main
+    from scripts.convert_data import json_to_parquet
+
+    path, imgs = make_data(tmp_path / "d", n=8)
+    for name in os.listdir(imgs):
+        os.rename(os.path.join(imgs, name), os.path.join(imgs, "COCO_train2014_" + name))
+    assert guess_image_prefix(path, imgs) == "COCO_train2014_"
+    with caplog.at_level("INFO"):
+        run_stage("sft", common((path, imgs), tiny_clip_dir, tmp_path / "out", "--from_scratch", "--max_steps", "1"))
+    assert "its pictures are COCO_train2014_<name>" in caplog.text
+    assert "8 record(s), 8 in use, no problems" in caplog.text
+    with pytest.raises(ValueError, match="has 0 usable records"):
+        run_stage("sft", common((path, imgs), tiny_clip_dir, tmp_path / "out2", "--from_scratch", "--max_steps", "1",
+                                "--image_prefix", ""))   # '' asks for no prefix
+    assert check_main(["--data_path", path, "--images_dir", imgs]) == 0
+    assert json_to_parquet(path, imgs, str(tmp_path / "d.parquet"), progress=False)["rows"] == 8
+    capsys.readouterr()
+
+    # Where the plain names are there (the demo's data, v1's pretrain data), nothing is guessed.
+    os.rename(os.path.join(imgs, "COCO_train2014_0.png"), os.path.join(imgs, "0.png"))
+    assert guess_image_prefix(path, imgs) == ""

@@ -231,7 +231,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                    help="Parquet (a file, a folder of shards or a glob) or JSON/JSONL records with --images_path "
                         f"(default: the first that exists of {', '.join(s.data_paths)})")
     g.add_argument("--images_path", default=None, help=f"image folder (default {s.images_dir})")
-    g.add_argument("--image_prefix", default="", help="prefix of image file names (real SFT data: COCO_train2014_)")
+    g.add_argument("--image_prefix", default=None,
+                   help="put before every image file name of JSON data (default: COCO_train2014_ where "
+                        "the folder's files carry it, as v1's SFT pictures do, else none)")
     g.add_argument("--max_images", type=number_in(int, 1), default=None,
                    help=f"pictures per record, a clip's keyframes included (default {s.max_images})")
     g.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes of a clip whose record does not say")
