@@ -88,9 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (on CUDA it is replayed as a CUDA graph either way): "
                         "costs seconds once, pays off over long sessions (README: Speed)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="makes sampling reproducible. With temperature > 0 the answers depend on --batch_size "
-                        "too (a batch's rows share the random draws); greedy answers do not")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="of the sampling: the same answers from run to run, as v1 gave (its seed). With "
+                        "temperature > 0 the answers depend on --batch_size too (a batch's rows share the "
+                        "random draws); greedy answers do not")
     args = p.parse_args(argv)
     if args.questions and (args.image or args.video or args.multi or args.interactive):
         p.error("--questions brings its own pictures and questions: drop --image, --video, --multi and --interactive")
@@ -293,8 +294,7 @@ def interactive(model, tokenizer, subject, sampling, as_json):
 def main(argv=None) -> int:
     args = parse_args(argv)
     reuse_freed_memory()   # batched answers allocate and free megabytes per layer
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                         args.max_new_tokens)

@@ -80,10 +80,10 @@ def reuse_freed_memory() -> bool:
 
 @dataclass
 class Sampling:
-    """Decoding settings (temperature and top-p as in the original eval script)."""
-    temperature: float = 0.65
-    top_k: int = 0              # 0: off
-    top_p: float = 0.85
+    """Decoding settings; the defaults are v1's 3-eval_chat.py (temperature 0.5, the 8 likeliest tokens)."""
+    temperature: float = 0.5
+    top_k: int = 8              # 0: off
+    top_p: float = 1.0          # 1: off
     repetition_penalty: float = 1.0
     max_new_tokens: int = 512
     stop_at_eos: bool = True    # False: always max_new_tokens tokens (benchmarks compare equal lengths)

@@ -322,6 +322,18 @@ def test_cli_question_file_of_v1_sft_data(chat, weights, tiny_clip_dir, tmp_path
                                                                        "COCO_train2014_2.png", ""}
 
 
+def test_cli_samples_as_v1_did(chat, weights, tiny_clip_dir, capsys):
+    """v1's 3-eval_chat.py sampled at temperature 0.5 from the 8 likeliest tokens, seeded with
+    1337: the same answers from run to run. So do the defaults here; another seed, others."""
+    argv = ["--weight", weights, "--vision_model", tiny_clip_dir, "--max_new_tokens", "12", "--json"]
+    runs = []
+    for extra in ([], [], ["--seed", "7"], ["--temperature", "0.5", "--top_k", "8", "--seed", "1337"]):
+        assert chat.main(argv + extra) == 0
+        runs.append([json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()])
+    assert len(runs[0]) == len(os.listdir(EVAL)) and runs[0] == runs[1] == runs[3]
+    assert runs[2] != runs[0]
+
+
 def test_cli_answers_a_parquet_question_file(chat, weights, tiny_clip_dir, tmp_path, capsys):
     from scripts.convert_data import json_to_parquet
 
