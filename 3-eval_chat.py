@@ -40,8 +40,9 @@ from tqdm import tqdm  # noqa: E402
 from dataset.records import BadRecord, conversation, open_records  # noqa: E402
 from model.config import IMAGE_MARK, device_name, number_in, size_tag  # noqa: E402
 from model.inference import (  # noqa: E402
-    DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, IMAGE_EXTENSIONS, Request, Sampling,
-    UserError, check_text, iter_answers, list_files, load_model, resolve_weights, reuse_freed_memory, stream_answer)
+    DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, EVAL_MULTI_QUESTION, IMAGE_EXTENSIONS,
+    Request, Sampling, UserError, check_text, iter_answers, list_files, load_model, resolve_weights,
+    reuse_freed_memory, stream_answer)
 from model.prompt import load_tokenizer  # noqa: E402
 from model.video import VIDEO_EXTENSIONS, VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
@@ -50,9 +51,10 @@ from model.vision import ImageError, load_image  # noqa: E402
 def parse_args(argv=None):
     d = Sampling()
     p = argparse.ArgumentParser(description="Chat with MiniMind-V about pictures.")
-    p.add_argument("--weight", default="sft",
+    p.add_argument("--weight", default=None,
                    help="pretrain | sft | sft_multi | sft_video (-> OUT_DIR/{dim}[_moe]_vlm_{weight}.pth), "
-                        "a .pth file, or a folder written by scripts/export_model.py")
+                        "a .pth file, or a folder written by scripts/export_model.py (default: sft, "
+                        "sft_multi with --multi, as in v1)")
     p.add_argument("--out_dir", default=DEFAULT_OUT_DIR)
     p.add_argument("--dim", type=int, default=512, help="picks the file name with --weight NAME")
     p.add_argument("--use_moe", action="store_true", help="picks the *_moe_* file with --weight NAME")
@@ -61,7 +63,9 @@ def parse_args(argv=None):
                         "model/vision_model/clip-vit-base-patch32, or demo-clip for demo weights)")
     p.add_argument("--image", nargs="+", default=None, help="picture files and/or folders "
                    "(default: dataset/eval_images, or the bird pictures with --multi)")
-    p.add_argument("--prompt", default=DEFAULT_QUESTION)
+    p.add_argument("--prompt", default=None,
+                   help=f"default: {DEFAULT_QUESTION} (v1's); with --multi and its bird pictures, "
+                        f"v1's \"{EVAL_MULTI_QUESTION}\"")
     p.add_argument("--video", nargs="+", default=None,
                    help="video files and/or folders, each clip asked about through its keyframes")
     p.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes taken from each clip")
@@ -99,6 +103,9 @@ def parse_args(argv=None):
         p.error("--images_dir and --output go with --questions")
     if args.interactive and args.batch_size > 1:
         p.error("--interactive answers one question at a time: drop --batch_size")
+    args.weight = args.weight or ("sft_multi" if args.multi else "sft")
+    if args.prompt is None:
+        args.prompt = EVAL_MULTI_QUESTION if args.multi and not args.image else DEFAULT_QUESTION
     return args
 
 

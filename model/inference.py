@@ -37,6 +37,7 @@ DEFAULT_OUT_DIR = "out"
 EVAL_IMAGES = os.path.join(REPO_ROOT, "dataset", "eval_images")
 EVAL_MULTI_IMAGES = os.path.join(REPO_ROOT, "dataset", "eval_multi_images", "bird")
 DEFAULT_QUESTION = "这个图片描述的是什么内容？"
+EVAL_MULTI_QUESTION = "Name all the differences between these two birds."   # v1's, about EVAL_MULTI_IMAGES
 WEIGHT_NAMES = ("pretrain", "sft", "sft_multi", "sft_video")   # sft_video: the demo's video stage
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WEIGHTS_HINT = ("train them (1-pretrain_vlm.py, then 2-sft_vlm.py), put the published weights "
@@ -103,7 +104,9 @@ def resolve_weights(name: str, out_dir: str = DEFAULT_OUT_DIR, tag: str = size_t
                             f"by scripts/export_model.py): its config.json is missing or not MiniMind's")
         return path
     if not os.path.isfile(path):
-        raise UserError(f"weights not found: {path}; {WEIGHTS_HINT}")
+        hint = ("train them with `2-sft_vlm.py --multi`, or ask the SFT model with "
+                "--weight sft" if name == "sft_multi" else WEIGHTS_HINT)
+        raise UserError(f"weights not found: {path}; {hint}")
     return path
 
 

@@ -180,12 +180,24 @@ def test_cli_streams_text_by_default(out_dir, tiny_clip_dir):
     assert result.stdout.startswith(f"[{eval_picture()}] 图里有什么？\n")
 
 
-def test_cli_multi_asks_one_question_about_both_birds(out_dir, tiny_clip_dir):
-    result = run_cli(*cli_args(out_dir, tiny_clip_dir, "--multi"))
-    assert result.returncode == 0, result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(lines) == 1
-    assert [os.path.basename(p) for p in lines[0]["image"]] == ["0.jpg", "1.jpg"]
+def test_cli_multi_asks_one_question_about_both_birds(out_dir, tiny_clip_dir, tmp_path):
+    """As v1's --multi: the sft_multi weights, the two bird pictures, v1's question about them."""
+    result = run_cli(*cli_args(out_dir, tiny_clip_dir, "--multi"))   # out_dir holds only the SFT weights
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith("64_vlm_sft_multi.pth; train them with `2-sft_vlm.py --multi`, "
+                                          "or ask the SFT model with --weight sft")
+    shutil.copy(os.path.join(out_dir, "64_vlm_sft.pth"), tmp_path / "64_vlm_sft_multi.pth")
+    for extra in ([], ["--weight", os.path.join(out_dir, "64_vlm_sft.pth")]):
+        result = run_cli(*cli_args(str(tmp_path), tiny_clip_dir, "--multi", *extra))
+        assert result.returncode == 0, result.stderr
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        assert len(lines) == 1
+        assert [os.path.basename(p) for p in lines[0]["image"]] == ["0.jpg", "1.jpg"]
+        assert lines[0]["prompt"] == "Name all the differences between these two birds."
+    # Other pictures get the default question.
+    own = run_cli(*cli_args(str(tmp_path), tiny_clip_dir, "--multi", "--image", *[os.path.join(EVAL, eval_picture(i))
+                                                                                  for i in range(2)]))
+    assert json.loads(own.stdout)["prompt"] == inf.DEFAULT_QUESTION
 
 
 def test_cli_compile_answers_as_eager(out_dir, tiny_clip_dir, monkeypatch):
