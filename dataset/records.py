@@ -211,6 +211,8 @@ def _parse_line(raw: bytes):
 # v1's SFT records name "000000123456.jpg" where its folder holds "COCO_train2014_000000123456.jpg"
 # (v1's SFT dataset added the prefix in code).
 V1_SFT_IMAGE_PREFIX = "COCO_train2014_"
+IMAGE_PREFIX_HELP = (f"put before every picture file name of JSON data (default: {V1_SFT_IMAGE_PREFIX} where "
+                     "the folder's files carry it, as v1's SFT pictures do, else none)")
 
 
 def guess_image_prefix(path: str, images_dir: str, records_to_look_at: int = 100) -> str:

@@ -4,7 +4,7 @@ Runs every check the trainer would run, including the costly ones it does lazily
 is tokenized and each image fully decoded. Prints every problem and a summary; the exit code is
 1 if any problem was found, 2 if the data could not be opened at all, else 0.
 
-    python scripts/check_data.py --data_path dataset/sft_data.jsonl --images_dir dataset/sft_images \
+    python scripts/check_data.py --data_path dataset/sft_data.jsonl --images_dir dataset/sft_images
 
 The limits default to the trainers' own (`--max_seq_len 640`), except `--max_images`: none
 unless given (the trainers allow 1 picture per record in pretraining, 4 in SFT). A training
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
+from dataset.records import IMAGE_PREFIX_HELP  # noqa: E402
 from dataset.vlm_dataset import DEFAULT_MAX_SEQ_LEN, Skipped, VLMDataset  # noqa: E402
 from model.config import IMAGE_PLACEHOLDER_IDS, number_in  # noqa: E402
 from model.prompt import load_tokenizer  # noqa: E402
@@ -60,8 +61,7 @@ def main(argv=None) -> int:
                         help="JSON list or JSONL file, or Parquet (a file, a folder of shards or a glob)")
     parser.add_argument("--images_dir", "--images_path", default=None,
                         help="the pictures of JSON/JSONL data (Parquet holds its own)")
-    parser.add_argument("--image_prefix", default=None,
-                        help="put before every image file name (default: as the training scripts)")
+    parser.add_argument("--image_prefix", default=None, help=IMAGE_PREFIX_HELP)
     parser.add_argument("--max_seq_len", type=number_in(int, 1), default=DEFAULT_MAX_SEQ_LEN)
     parser.add_argument("--max_images", type=number_in(int, 1), default=None,
                         help="pictures per record, a clip's keyframes included (default: no limit; "

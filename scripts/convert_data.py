@@ -42,7 +42,8 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset.parquet import (PICTURE_COLUMNS, ParquetRecords, arrow_reason, is_parquet,  # noqa: E402
                              layout_of, parquet_files)
-from dataset.records import BadRecord, Frame, JsonRecords, check_json_file, conversation  # noqa: E402
+from dataset.records import (BadRecord, Frame, IMAGE_PREFIX_HELP, JsonRecords, check_json_file,  # noqa: E402
+                             conversation)
 from model.checkpoint import atomic_output  # noqa: E402
 from model.config import number_in  # noqa: E402
 
@@ -366,9 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="a .parquet file, or a .jsonl/.json file (from Parquet input)")
     parser.add_argument("--images_dir",
                         help="the image folder: read for JSON input, written for JSON output")
-    parser.add_argument("--image_prefix", default=None,
-                        help="put before every image file name (JSON input; default: COCO_train2014_ "
-                             "where the folder's files carry it, as v1's SFT pictures do, else none)")
+    parser.add_argument("--image_prefix", default=None, help=IMAGE_PREFIX_HELP)
     parser.add_argument("--row_group_size", type=number_in(int, 1), default=DEFAULT_ROW_GROUP_SIZE,
                         help="rows per Parquet row group (default %(default)s): every random "
                              "read decodes a whole row group")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dataset.records import IMAGE_PREFIX_HELP
 from dataset.vlm_dataset import DEFAULT_MAX_SEQ_LEN, Skipped, VLMDataset, make_collate, problem_kinds
 from model.checkpoint import (CheckpointError, atomic_output, atomic_save, load_weights, model_state_dict,
                               remove_stale_temp_files)
@@ -231,9 +232,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                    help="Parquet (a file, a folder of shards or a glob) or JSON/JSONL records with --images_path "
                         f"(default: the first that exists of {', '.join(s.data_paths)})")
     g.add_argument("--images_path", default=None, help=f"image folder (default {s.images_dir})")
-    g.add_argument("--image_prefix", default=None,
-                   help="put before every image file name of JSON data (default: COCO_train2014_ where "
-                        "the folder's files carry it, as v1's SFT pictures do, else none)")
+    g.add_argument("--image_prefix", default=None, help=IMAGE_PREFIX_HELP)
     g.add_argument("--max_images", type=number_in(int, 1), default=None,
                    help=f"pictures per record, a clip's keyframes included (default {s.max_images})")
     g.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes of a clip whose record does not say")
