@@ -34,9 +34,11 @@ DEVICE = os.environ.get("MINIMIND_DEVICE") or ("cuda" if torch.cuda.is_available
 COMPILE = os.environ.get("MINIMIND_COMPILE", "") not in ("", "0")   # as 3-eval_chat.py --compile
 
 
-@st.cache_resource(show_spinner="Loading the model…")
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
 def get_model(weights: str, vision_model: str, device: str):
     # Once per process and checkpoint; sessions share it (generation keeps no state on the model).
+    # Two stay loaded (say pretrain and SFT, compared back and forth); a third pushes out the
+    # oldest rather than every checkpoint ever picked holding its memory, CLIP included.
     return load_model(weights, vision_model, device, COMPILE)
 
 

@@ -117,6 +117,33 @@ def test_a_wrong_device_is_named(app_env, monkeypatch, device, says):
     assert [e.value for e in at.error] == [says] and len(at.chat_input) == 0
 
 
+def test_at_most_two_models_stay_loaded(app_env, tmp_path, monkeypatch):
+    """Picking a third checkpoint unloads the oldest: choosing it again loads it anew."""
+    import streamlit as st
+
+    for name in ("64_vlm_sft.pth", "64_vlm_pretrain.pth", "64_vlm_sft_multi.pth"):
+        save_tiny_checkpoint(tmp_path / name)
+    monkeypatch.setenv("MINIMIND_OUT_DIR", str(tmp_path))
+    loads, real_load = [], inf.load_model
+
+    def counted(weights, *args, **kwargs):
+        loads.append(os.path.basename(weights))
+        return real_load(weights, *args, **kwargs)
+
+    monkeypatch.setattr(inf, "load_model", counted)
+    st.cache_resource.clear()
+    at = start_app()
+    for name in ("64_vlm_pretrain.pth", "64_vlm_sft.pth", "64_vlm_sft_multi.pth", "64_vlm_sft.pth",
+                 "64_vlm_pretrain.pth"):
+        at.sidebar.selectbox[0].select(os.path.join(str(tmp_path), name)).run()
+        assert not at.exception, at.exception
+    # sft (shown first), pretrain, then sft from the cache; sft_multi pushes one of the two out,
+    # and coming back to both loads one of them again (unbounded, nothing would load twice).
+    assert loads[:3] == ["64_vlm_sft.pth", "64_vlm_pretrain.pth", "64_vlm_sft_multi.pth"]
+    assert len(loads) == 4 and loads[3] in ("64_vlm_sft.pth", "64_vlm_pretrain.pth")
+    st.cache_resource.clear()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
