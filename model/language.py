@@ -297,10 +297,13 @@ class MoEFeedForward(nn.Module):
         flat = x.reshape(-1, D)
         out = torch.zeros_like(flat)
         # One pass per expert over just the tokens routed to it (same code for training and
-        # inference; there are only a handful of experts).
+        # inference; there are only a handful of experts). In training an expert no token chose
+        # still runs, on none: every parameter then has a gradient (zero), as DDP without
+        # find_unused_parameters needs, and as the original MiniMind's MoE did.
+        training = self.training and torch.is_grad_enabled()
         for e, expert in enumerate(self.experts):
             token_idx, slot = (top_i == e).nonzero(as_tuple=True)
-            if token_idx.numel():
+            if token_idx.numel() or training:
                 out.index_add_(0, token_idx, expert(flat[token_idx]) * top_w[token_idx, slot, None])
         out = out.view(B, T, D)
         if self.shared_experts is not None:

@@ -78,7 +78,12 @@ class MiniMindVLM(MiniMindLM):
             raise ValueError(f"the prompt has {rows.numel()} image placeholder(s) but {n_images} "
                              f"image(s) were given")
         if n_images == 0:
-            return h
+            if not (self.training and torch.is_grad_enabled()):
+                return h
+            # Training on text alone: the projector still runs, on no pictures, so that it has a
+            # gradient (zero) like every other parameter, as DDP without find_unused_parameters
+            # needs.
+            image_features = h.new_zeros(0, self.image_ids.numel(), self.config.vision_hidden_size)
         weight = self.vision_proj.vision_proj[0].weight
         image_tokens = self.vision_proj(image_features.to(weight.dtype)).to(h.dtype)   # 3. [N, 50, dim]
         return self.splice(h, rows, starts, image_tokens)              # 4. into the spans

@@ -1,4 +1,5 @@
 """The shared trainer: stages and output names, DDP parity, kill/resume, feature cache, bad data."""
+import json
 import os
 import re
 import signal
@@ -253,6 +254,32 @@ def test_ddp_two_processes_match_one(tmp_path, data, tiny_clip_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = losses(one / "64_vlm_pretrain.pth"), losses(two / "64_vlm_pretrain.pth")
     assert len(a) == len(b) == 4
+    assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_ddp_with_text_only_samples_and_moe_matches_one_process(tmp_path, tiny_clip_dir):
+    """DDP runs without find_unused_parameters: a rank whose micro-batch is text only still
+    gives the projector a gradient, and an MoE expert no token chose still runs (on nothing).
+    Otherwise the next step stops with torch's "Expected to have finished reduction" error."""
+    folder = tmp_path / "d"
+    path, imgs = make_data(folder, n=8)
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(8):
+            f.write("\n" + json.dumps({"id": f"text{i}", "image": "", "conversations": [
+                {"from": "human", "value": f"第{i}个问题，没有图片。"}, {"from": "gpt", "value": "好的。"}]},
+                ensure_ascii=False))
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = ("--max_steps", "6", "--use_moe")
+    subprocess.run(script_cmd((path, imgs), tiny_clip_dir, one, *steps, "--batch_size", "2"),
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    cmd = script_cmd((path, imgs), tiny_clip_dir, two, *steps, "--batch_size", "1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(torchrun + cmd[1:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "find_unused_parameters" not in proc.stderr
+    a, b = losses(one / "64_moe_vlm_pretrain.pth"), losses(two / "64_moe_vlm_pretrain.pth")
+    assert len(a) == len(b) == 6
     assert b == pytest.approx(a, rel=1e-4)
 
 

@@ -504,10 +504,11 @@ def build_model(args, run: Run, encoder):
              " (projector only)" if args.freeze_llm else "")
     if run.world == 1:
         return model, model
-    # find_unused_parameters: an image-free batch leaves the projector (and MoE a quiet
-    # expert) out of the graph, which plain DDP would wait for forever.
+    # Every trainable parameter is in every step's graph (a text-only batch runs the projector on
+    # no pictures, an MoE expert no token chose runs on none: see embed_inputs and
+    # MoEFeedForward), so DDP need not search the graph for unused ones after each forward.
     return model, torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[run.local_rank] if run.cuda else None, find_unused_parameters=True)
+        model, device_ids=[run.local_rank] if run.cuda else None)
 
 
 def resume(args, run: Run, model, optimizer, samples: int) -> Progress:
