@@ -12,6 +12,7 @@ Sources keep only a compact index in memory (byte offsets, row groups, one lengt
 record), never the records themselves, so a dataset of millions of rows stays small in every
 process and every DataLoader worker.
 """
+import itertools
 import json
 import os
 from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
@@ -215,18 +216,19 @@ IMAGE_PREFIX_HELP = (f"put before every picture file name of JSON data (default:
                      "the folder's files carry it, as v1's SFT pictures do, else none)")
 
 
-def guess_image_prefix(path: str, images_dir: str, records_to_look_at: int = 100) -> str:
-    """V1_SFT_IMAGE_PREFIX when the first picture a record of `path` names is missing from
-    `images_dir` but is there under that prefix (v1's SFT data as downloaded), else ""."""
-    for n, (_, _, record, _) in enumerate(read_json_lines(path)):
+RECORDS_TO_GUESS_FROM = 100
+
+
+def guess_image_prefix(records, images_dir: str) -> str:
+    """V1_SFT_IMAGE_PREFIX when the first picture that `records` (a file's first records) name is
+    missing from `images_dir` but is there under that prefix (v1's SFT data as downloaded), else ""."""
+    for record in records:
         value = record.get("image") if isinstance(record, dict) else None
         if isinstance(value, str) and value.split(",")[0].strip():
             name = value.split(",")[0].strip()
             missing = not os.path.isfile(os.path.join(images_dir, name))
             prefixed = os.path.isfile(os.path.join(images_dir, V1_SFT_IMAGE_PREFIX + name))
             return V1_SFT_IMAGE_PREFIX if missing and prefixed else ""
-        if n + 1 >= records_to_look_at:
-            break
     return ""
 
 
@@ -251,8 +253,12 @@ class JsonRecords:
         self.unanswered = unanswered   # question-only records are good (see `conversation`)
         self.images_dir = os.path.abspath(images_dir)
         self.prefix_note = None
+        parsed = read_json_lines(path)
+        # The first records are read once, for the guess and then with the rest: a JSON list is
+        # parsed whole, and v1's SFT file was one.
+        head = list(itertools.islice(parsed, RECORDS_TO_GUESS_FROM)) if image_prefix is None else []
         if image_prefix is None:
-            image_prefix = guess_image_prefix(path, self.images_dir)
+            image_prefix = guess_image_prefix((record for _, _, record, _ in head), self.images_dir)
             if image_prefix:
                 self.prefix_note = (f"{path}: its pictures are {image_prefix}<name> in {images_dir} (v1's SFT "
                                     f"data): read with that prefix (--image_prefix sets another, '' none)")
@@ -261,7 +267,7 @@ class JsonRecords:
         self.n_read = 0
         offsets, lines, lengths, kept = [], [], [], []
         sizes = {}   # one stat per picture file, even when many records share it
-        for number, offset, record, error in read_json_lines(path):
+        for number, offset, record, error in itertools.chain(head, parsed):
             self.n_read += 1
             ref = json_ref(path, number, offset, record)
             try:

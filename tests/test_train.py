@@ -334,14 +334,14 @@ def test_compiled_blocks_train_like_eager(tmp_path, data, tiny_clip_dir):
 def test_v1_sft_pictures_are_found_under_their_coco_prefix(tmp_path, tiny_clip_dir, caplog, capsys):
     """v1's SFT records name "123.jpg" where its folder holds "COCO_train2014_123.jpg" (v1 added
     the prefix in code): training, checking and converting find them without --image_prefix."""
-    from dataset.records import guess_image_prefix
+    from dataset.records import JsonRecords
     from scripts.check_data import main as check_main
     from scripts.convert_data import json_to_parquet
 
     path, imgs = make_data(tmp_path / "d", n=8)
     for name in os.listdir(imgs):
         os.rename(os.path.join(imgs, name), os.path.join(imgs, "COCO_train2014_" + name))
-    assert guess_image_prefix(path, imgs) == "COCO_train2014_"
+    assert JsonRecords(path, imgs).image_prefix == "COCO_train2014_"
     with caplog.at_level("INFO"):
         run_stage("sft", common((path, imgs), tiny_clip_dir, tmp_path / "out", "--from_scratch", "--max_steps", "1"))
     assert "its pictures are COCO_train2014_<name>" in caplog.text
@@ -355,4 +355,4 @@ def test_v1_sft_pictures_are_found_under_their_coco_prefix(tmp_path, tiny_clip_d
 
     # Where the plain names are there (the demo's data, v1's pretrain data), nothing is guessed.
     os.rename(os.path.join(imgs, "COCO_train2014_0.png"), os.path.join(imgs, "0.png"))
-    assert guess_image_prefix(path, imgs) == ""
+    assert JsonRecords(path, imgs).image_prefix == ""
