@@ -43,7 +43,7 @@ from model.inference import (  # noqa: E402
     DEFAULT_OUT_DIR, DEFAULT_QUESTION, EVAL_IMAGES, EVAL_MULTI_IMAGES, EVAL_MULTI_QUESTION, IMAGE_EXTENSIONS,
     Request, Sampling, UserError, check_text, iter_answers, list_files, load_model, resolve_weights,
     reuse_freed_memory, stream_answer)
-from model.prompt import load_tokenizer  # noqa: E402
+from model.prompt import DEFAULT_FRAMES, load_tokenizer  # noqa: E402
 from model.video import VIDEO_EXTENSIONS, VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
 
@@ -68,7 +68,7 @@ def parse_args(argv=None):
                         f"v1's \"{EVAL_MULTI_QUESTION}\"")
     p.add_argument("--video", nargs="+", default=None,
                    help="video files and/or folders, each clip asked about through its keyframes")
-    p.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes taken from each clip")
+    p.add_argument("--frames", type=number_in(int, 1), default=DEFAULT_FRAMES, help="keyframes taken from each clip")
     p.add_argument("--multi", action="store_true", help="ask about all the pictures at once")
     p.add_argument("--interactive", action="store_true",
                    help="multi-turn chat about the first picture (all of them with --multi); "
@@ -106,6 +106,8 @@ def parse_args(argv=None):
     args.weight = args.weight or ("sft_multi" if args.multi else "sft")
     if args.prompt is None:
         args.prompt = EVAL_MULTI_QUESTION if args.multi and not args.image else DEFAULT_QUESTION
+    elif not args.prompt.strip():   # e.g. an unset shell variable: the model would answer nothing asked
+        p.error("--prompt is empty: give a question, or leave --prompt out to ask the default one")
     return args
 
 

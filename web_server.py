@@ -22,6 +22,7 @@ from model.config import device_name  # noqa: E402
 from model.inference import (  # noqa: E402
     DEFAULT_QUESTION, EVAL_IMAGES, WEIGHTS_HINT, Sampling, UserError, count_parameters, find_checkpoints,
     list_files, load_model, stream_answer)
+from model.prompt import DEFAULT_FRAMES  # noqa: E402
 from model.video import VIDEO_EXTENSIONS, VideoError, read_keyframes  # noqa: E402
 from model.vision import ImageError, load_image  # noqa: E402
 
@@ -68,7 +69,7 @@ def sidebar():
         repetition_penalty=d.repetition_penalty,
         max_new_tokens=st.sidebar.slider("Max new tokens", 16, 2048, d.max_new_tokens, 16,
                                          key="max_new_tokens"))
-    frames = st.sidebar.slider("Keyframes per clip", 1, 8, 4, key="frames")
+    frames = st.sidebar.slider("Keyframes per clip", 1, 8, DEFAULT_FRAMES, key="frames")
     if st.sidebar.button("New chat"):
         st.session_state.history = []
     return weights, sampling, frames

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dataset.records import BadRecord, RawRecord, expand_clip, valid_unicode
-from model.prompt import VIDEO_MARK
+from model.prompt import DEFAULT_FRAMES, VIDEO_MARK
 from model.config import IMAGE_MARK, IMAGE_PLACEHOLDER_IDS
 
 logger = logging.getLogger(__name__)
@@ -399,7 +399,7 @@ class ParquetRecords:
     """
 
     def __init__(self, spec: str, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 memory_map: bool = False, frames: int = 4):
+                 memory_map: bool = False, frames: int = DEFAULT_FRAMES):
         self.spec, self.frames = spec, frames
         self.cache_bytes = cache_bytes
         self.memory_map = memory_map

@@ -20,7 +20,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from model.config import IMAGE_MARK, IMAGE_PLACEHOLDER_IDS
-from model.prompt import VIDEO_MARK, clip_text
+from model.prompt import DEFAULT_FRAMES, VIDEO_MARK, clip_text
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TEMPLATE_TOKENS_PER_TURN = 8   # rough cost of "<s>user\n ... </s>\n" in approx_lengths
@@ -248,7 +248,7 @@ class JsonRecords:
     """
 
     def __init__(self, path: str, images_dir: str, image_prefix: Optional[str] = None,
-                 max_images: Optional[int] = None, frames: int = 4, unanswered: bool = False):
+                 max_images: Optional[int] = None, frames: int = DEFAULT_FRAMES, unanswered: bool = False):
         self.path, self.max_images, self.frames = path, max_images, frames
         self.unanswered = unanswered   # question-only records are good (see `conversation`)
         self.images_dir = os.path.abspath(images_dir)
@@ -345,6 +345,9 @@ class JsonRecords:
                 if path not in sizes:
                     sizes[path] = os.path.getsize(path) if os.path.isfile(path) else None
                 if sizes[path] is None:
+                    if not os.path.isdir(self.images_dir):   # one line, not a "missing" per record
+                        raise FileNotFoundError(f"images folder {self.images_dir} not found: {self.path} "
+                                                f"names its pictures as files in it")
                     raise BadRecord(f"image file missing: {path}")
                 if sizes[path] == 0:
                     raise BadRecord(f"image file is empty (0 bytes): {path}")
@@ -368,16 +371,34 @@ def check_json_file(path: str):
         raise FileNotFoundError(f"data file {path} not found (see README: Using the real weights and data)")
 
 
+def reads_as_parquet(data_path: str) -> bool:
+    """Is `data_path` Parquet data that is there (a missing "x.parquet" is reported as missing by
+    check_json_file)?"""
+    import glob
+
+    from dataset.parquet import is_parquet
+
+    return is_parquet(data_path) and (glob.has_magic(data_path) or os.path.exists(data_path))
+
+
+def check_data_path(data_path: str):
+    """FileNotFoundError saying why, unless `data_path` names data that is there; reads nothing."""
+    from dataset.parquet import parquet_files
+
+    if reads_as_parquet(data_path):
+        parquet_files(data_path)   # a folder or pattern with no shards
+    else:
+        check_json_file(data_path)
+
+
 def open_records(data_path: str, images_dir: Optional[str] = None, image_prefix: Optional[str] = None,
-                 max_images: Optional[int] = None, frames: int = 4, unanswered: bool = False):
+                 max_images: Optional[int] = None, frames: int = DEFAULT_FRAMES, unanswered: bool = False):
     """The source for `data_path`: Parquet (a file, a folder of shards or a glob) or JSON/JSONL.
     `frames`: the keyframes of a clip whose record does not say. `unanswered`: JSON records may
     end with a question (Parquet rows are checked only when read, by the reader)."""
-    import glob
+    from dataset.parquet import ParquetRecords
 
-    from dataset.parquet import ParquetRecords, is_parquet
-
-    if is_parquet(data_path) and (glob.has_magic(data_path) or os.path.exists(data_path)):
+    if reads_as_parquet(data_path):
         return ParquetRecords(data_path, frames=frames)
     check_json_file(data_path)   # also the one "not found" for a missing .parquet file
     if images_dir is None:

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from dataset.records import BadRecord, Frame, conversation, open_records
 from model.config import IGNORE_INDEX, IMAGE_MARK
-from model.prompt import count_placeholders, encode_conversation
+from model.prompt import DEFAULT_FRAMES, count_placeholders, encode_conversation
 from model.video import VideoError, read_keyframes
 from model.vision import ImageError, load_image
 
@@ -103,7 +103,7 @@ class VLMDataset(Dataset):
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_turns: Optional[int] = None,
                  image_prefix: Optional[str] = None,
                  max_images: Optional[int] = None, strict: bool = False,
-                 preprocess: Optional[Callable] = None, log_limit: Optional[int] = None, frames: int = 4):
+                 preprocess: Optional[Callable] = None, log_limit: Optional[int] = None, frames: int = DEFAULT_FRAMES):
         if max_turns is not None and max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, not {max_turns}")
         self.data_path = data_path

@@ -22,6 +22,9 @@ def load_tokenizer(path: str = TOKENIZER_DIR):
 
 # Where a record's clip goes; it becomes its keyframes, one picture each (see clip_text).
 VIDEO_MARK = "<video>"
+# Keyframes taken from a clip when neither the record nor the user says how many: as many as
+# the SFT stage's pictures per sample.
+DEFAULT_FRAMES = 4
 
 
 def clip_text(n_frames: int, mark: str = IMAGE_MARK) -> str:

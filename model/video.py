@@ -32,6 +32,8 @@ from typing import BinaryIO, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from model.prompt import DEFAULT_FRAMES
+
 try:
     import av
 except ImportError:   # pictures need no PyAV: a machine without it trains on them; only clips fail
@@ -58,7 +60,7 @@ class _SeekFailed(Exception):
     """Seeking is unusable for this clip; it is read sequentially instead."""
 
 
-def read_keyframes(source: VideoSource, n_frames: int = 4, name: Optional[str] = None, *,
+def read_keyframes(source: VideoSource, n_frames: int = DEFAULT_FRAMES, name: Optional[str] = None, *,
                    _strategy: str = "auto") -> List[Image.Image]:
     """`n_frames` RGB images evenly spaced over the clip (rule in the module docstring), in
     time order, at the clip's own size.

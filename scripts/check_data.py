@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from dataset.records import IMAGE_PREFIX_HELP  # noqa: E402
 from dataset.vlm_dataset import DEFAULT_MAX_SEQ_LEN, Skipped, VLMDataset  # noqa: E402
 from model.config import IMAGE_PLACEHOLDER_IDS, number_in  # noqa: E402
-from model.prompt import load_tokenizer  # noqa: E402
+from model.prompt import DEFAULT_FRAMES, load_tokenizer  # noqa: E402
 
 
 def _no_pixels(images):
@@ -35,7 +35,7 @@ def _no_pixels(images):
 
 
 def scan(data_path, images_dir, image_prefix=None, max_seq_len=DEFAULT_MAX_SEQ_LEN, max_images=None,
-         max_turns=None, frames=4, tokenizer=None, image_ids=IMAGE_PLACEHOLDER_IDS, progress=True):
+         max_turns=None, frames=DEFAULT_FRAMES, tokenizer=None, image_ids=IMAGE_PLACEHOLDER_IDS, progress=True):
     """Build the dataset (load-time checks) then fetch every item (decode + length checks).
 
     Returns the dataset, whose `problems` and `summary()` now cover the whole scan.
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max_images", type=number_in(int, 1), default=None,
                         help="pictures per record, a clip's keyframes included (default: no limit; "
                              "training allows 1 in pretrain, 4 in SFT)")
-    parser.add_argument("--frames", type=number_in(int, 1), default=4,
+    parser.add_argument("--frames", type=number_in(int, 1), default=DEFAULT_FRAMES,
                         help="keyframes of a clip whose record does not say")
     parser.add_argument("--max_turns", type=number_in(int, 1), default=None)
     args = parser.parse_args(argv)

@@ -186,6 +186,7 @@ def test_cli_batches_give_the_answers_of_one_by_one(chat, weights, tiny_clip_dir
     (["--batch_size", "2", "--interactive"], "--interactive answers one question at a time"),
     (["--images_dir", "x"], "--images_dir and --output go with --questions"),
     (["--questions", "q.jsonl", "--multi"], "--questions brings its own pictures"),
+    (["--prompt", " "], "--prompt is empty"),
 ])
 def test_cli_rejects_bad_batch_and_question_flags(chat, extra, message, capsys):
     with pytest.raises(SystemExit) as excinfo:

@@ -123,6 +123,30 @@ def test_missing_start_weights_is_one_line(tmp_path, data, tiny_clip_dir):
         main("pretrain", common(data, tiny_clip_dir, tmp_path))
 
 
+def test_every_missing_input_is_named_in_one_run(tmp_path, data, tiny_clip_dir, capsys):
+    """A user with nothing downloaded learned of CLIP, then (next run) of the data, then of the
+    LLM weights."""
+    nowhere = tmp_path / "nowhere"
+    args = common((str(nowhere / "captions.parquet"), data[1]), str(nowhere / "clip"), tmp_path,
+                  "--val_data", str(nowhere / "val.jsonl"))
+    with pytest.raises(SystemExit) as exit_info:
+        main("pretrain", args)
+    said = exit_info.value.code.splitlines()
+    assert said[0] == "error: 4 inputs of this run are missing or unusable:", said
+    assert re.match(r"  - vision model not found at .*nowhere/clip: download openai/clip-vit-base-patch32", said[1])
+    assert re.match(r"  - data file .*nowhere/captions.parquet not found", said[2])
+    assert re.match(r"  - data file .*nowhere/val.jsonl not found", said[3])
+    assert re.match(r"  - starting weights .*64_llm.pth not found: download MiniMind's full_sft_64.pth", said[4])
+    assert not (tmp_path / "64_vlm_pretrain.pth").exists()
+
+
+def test_a_missing_images_folder_is_one_error_not_one_per_record(tmp_path, data, tiny_clip_dir, caplog):
+    with caplog.at_level("WARNING"), pytest.raises(SystemExit, match=r"^error: images folder .*nowhere not found: "
+                                                   r".* names its pictures as files in it$"):
+        main("pretrain", common((data[0], str(tmp_path / "nowhere")), tiny_clip_dir, tmp_path, "--from_scratch"))
+    assert "image file missing" not in caplog.text
+
+
 def test_accumulation_equals_bigger_batch(tmp_path, data, tiny_clip_dir):
     a, b = tmp_path / "a", tmp_path / "b"
     run_stage("pretrain", common(data, tiny_clip_dir, a, "--from_scratch", "--max_steps", "3",

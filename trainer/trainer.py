@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dataset.records import IMAGE_PREFIX_HELP
+from dataset.records import IMAGE_PREFIX_HELP, check_data_path
 from dataset.vlm_dataset import DEFAULT_MAX_SEQ_LEN, Skipped, VLMDataset, make_collate, problem_kinds
 from model.checkpoint import (CheckpointError, atomic_output, atomic_save, load_weights, model_state_dict,
                               remove_stale_temp_files)
 from model.config import DEFAULT_VISION_MODEL, IGNORE_INDEX, PRESETS, VLMConfig, device_name, number_in
 from model.language import count_targets
-from model.prompt import load_tokenizer
-from model.vision import ImagePreprocessor, VisionEncoder
+from model.prompt import DEFAULT_FRAMES, load_tokenizer
+from model.vision import ImagePreprocessor, VisionEncoder, check_vision_folder
 from model.vlm import MiniMindVLM
 from trainer.resume import (FORMAT, Progress, ResumeError, check_same_data_order, check_same_global_batch,
                             load_resume_state, rng_state, set_rng_state)
@@ -73,6 +73,7 @@ def train(args) -> int:
     tokenizer = load_tokenizer()
     if args.check_data:
         return check_data_only(args, tokenizer)
+    check_inputs(args)
     check_outputs_writable(args, run)
     encoder = VisionEncoder.from_pretrained(args.vision_model, layer=args.config.vision_layer,
                                             squash=args.config.squash_images)
@@ -139,6 +140,10 @@ class Interrupted(Exception):
     """Ctrl-C during training; the message says what was kept."""
 
 
+class MissingInputs(Exception):
+    """Several inputs of the run are not there; the message names each on a line of its own."""
+
+
 @contextlib.contextmanager
 def ctrl_c_held_back():
     """Hold a Ctrl-C back until the block is done, then raise it: the weights and the resume file
@@ -177,6 +182,8 @@ def main(stage: str, argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"\n{e or 'interrupted before training started: no weights were written'}", file=sys.stderr)
         sys.exit(130)   # the shell's code for a run stopped by Ctrl-C
+    except MissingInputs as e:
+        stop(f"error: {e}")
     except (FileNotFoundError, ValueError, CheckpointError, ResumeError) as e:
         # User errors (missing folders, bad checkpoints, bad data under --strict): one line.
         stop(f"error: {str(e).splitlines()[0]}")
@@ -235,7 +242,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--image_prefix", default=None, help=IMAGE_PREFIX_HELP)
     g.add_argument("--max_images", type=number_in(int, 1), default=None,
                    help=f"pictures per record, a clip's keyframes included (default {s.max_images})")
-    g.add_argument("--frames", type=number_in(int, 1), default=4, help="keyframes of a clip whose record does not say")
+    g.add_argument("--frames", type=number_in(int, 1), default=DEFAULT_FRAMES, help="keyframes of a clip whose record does not say")
     g.add_argument("--max_turns", type=number_in(int, 1), default=None,
                    help="keep the first N exchanges (1 = v1 behaviour)")
     g.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -358,6 +365,29 @@ def check_data_only(args, tokenizer) -> int:
                    tokenizer=tokenizer, image_ids=args.config.image_ids, progress=not args.no_progress)
     print(checked.summary())
     return 1 if checked.problems else 0
+
+
+def check_inputs(args):
+    """Every input that is not there or not usable (CLIP, data, starting weights), named before
+    anything is loaded: a user setting up a machine learns from one run all that is left to get."""
+    problems = []
+    for check, path in ((check_vision_folder, args.vision_model), (check_data_path, args.data_path),
+                        (check_data_path, args.val_data)):
+        try:
+            if path:
+                check(path)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(str(e).splitlines()[0])
+    if args.init_weight and not os.path.exists(args.init_weight):   # a .pth file or an exported folder
+        hint = (f"download MiniMind's full_sft_{args.config.tag}.pth and save it under that name, or pass "
+                "--from_scratch"
+                if args.stage == "pretrain" else "run the previous stage first, or pass --init_weight")
+        problems.append(f"starting weights {args.init_weight} not found: {hint}")
+    if len(problems) == 1:
+        raise FileNotFoundError(problems[0])
+    if problems:
+        raise MissingInputs("\n".join([f"{len(problems)} inputs of this run are missing or unusable:"] +
+                                       [f"  - {p}" for p in problems]))
 
 
 def check_outputs_writable(args, run: Run):
@@ -487,11 +517,7 @@ def build_model(args, run: Run, encoder):
     """(model, the model to call for training: DDP-wrapped under torchrun)."""
     args.config.vision_hidden_size = encoder.hidden_size   # the projector's input is CLIP's width
     model = MiniMindVLM(args.config, encoder)
-    if args.init_weight:
-        if not os.path.exists(args.init_weight):   # a .pth file or an exported folder
-            hint = ("download MiniMind's full_sft_{dim}.pth and save it under that name, or pass --from_scratch"
-                    if args.stage == "pretrain" else "run the previous stage first, or pass --init_weight")
-            raise FileNotFoundError(f"starting weights {args.init_weight} not found: {hint}")
+    if args.init_weight:   # there: see check_inputs
         run.info("loaded %s weights from %s", load_weights(model, args.init_weight), args.init_weight)
     for name, p in model.named_parameters():
         p.requires_grad = not args.freeze_llm or name.startswith("vision_proj.")
