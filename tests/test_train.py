@@ -140,6 +140,13 @@ def test_every_missing_input_is_named_in_one_run(tmp_path, data, tiny_clip_dir, 
     assert not (tmp_path / "64_vlm_pretrain.pth").exists()
 
 
+def test_no_data_in_either_default_layout_names_both(tmp_path, tiny_clip_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # no dataset/ here
+    with pytest.raises(SystemExit, match=r"^error: no training data at dataset/sft_i2t.parquet or "
+                                         r"dataset/sft_data.jsonl \(see README.*\): put it there, or give --data_path$"):
+        main("sft", ["--preset", "tiny", "--vision_model", tiny_clip_dir, "--from_scratch"])
+
+
 def test_a_missing_images_folder_is_one_error_not_one_per_record(tmp_path, data, tiny_clip_dir, caplog):
     with caplog.at_level("WARNING"), pytest.raises(SystemExit, match=r"^error: images folder .*nowhere not found: "
                                                    r".* names its pictures as files in it$"):

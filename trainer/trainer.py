@@ -370,19 +370,27 @@ def check_data_only(args, tokenizer) -> int:
 def check_inputs(args):
     """Every input that is not there or not usable (CLIP, data, starting weights), named before
     anything is loaded: a user setting up a machine learns from one run all that is left to get."""
-    problems = []
-    for check, path in ((check_vision_folder, args.vision_model), (check_data_path, args.data_path),
-                        (check_data_path, args.val_data)):
+    def problem(check, path):
         try:
-            if path:
-                check(path)
+            check(path)
         except (FileNotFoundError, ValueError) as e:
-            problems.append(str(e).splitlines()[0])
+            return str(e).splitlines()[0]
+
+    problems = [problem(check_vision_folder, args.vision_model)]
+    defaults = STAGES[args.stage].data_paths   # the official layout, then v1's
+    if args.data_path in defaults and not any(os.path.exists(p) for p in defaults):
+        problems.append(f"no training data at {' or '.join(defaults)} (see README: Using the real weights and "
+                        f"data): put it there, or give --data_path")
+    else:
+        problems.append(problem(check_data_path, args.data_path))
+    if args.val_data:
+        problems.append(problem(check_data_path, args.val_data))
     if args.init_weight and not os.path.exists(args.init_weight):   # a .pth file or an exported folder
         hint = (f"download MiniMind's full_sft_{args.config.tag}.pth and save it under that name, or pass "
                 "--from_scratch"
                 if args.stage == "pretrain" else "run the previous stage first, or pass --init_weight")
         problems.append(f"starting weights {args.init_weight} not found: {hint}")
+    problems = [p for p in problems if p]
     if len(problems) == 1:
         raise FileNotFoundError(problems[0])
     if problems:
