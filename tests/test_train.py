@@ -1,4 +1,5 @@
 """The shared trainer: stages and output names, DDP parity, kill/resume, feature cache, bad data."""
+import io
 import json
 import os
 import re
@@ -152,6 +153,31 @@ def test_a_missing_images_folder_is_one_error_not_one_per_record(tmp_path, data,
                                                    r".* names its pictures as files in it$"):
         main("pretrain", common((data[0], str(tmp_path / "nowhere")), tiny_clip_dir, tmp_path, "--from_scratch"))
     assert "image file missing" not in caplog.text
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_terminal_gets_a_bar_and_a_log_file_gets_lines_with_the_time_left(tmp_path, data, tiny_clip_dir,
+                                                                             caplog, monkeypatch):
+    """Under nohup the bar was one endless line in the log, with the loss hidden inside it."""
+    args = [a for a in common(data, tiny_clip_dir, tmp_path, "--from_scratch", "--epochs", "2", "--max_steps", "9")
+            if a != "--no_progress"]   # 32 records, batch 4: 8 steps an epoch
+    with caplog.at_level("INFO"):
+        run_stage("pretrain", args)   # pytest's stderr is no terminal
+    lines = re.findall(r"step (\d+)/9 \(epoch (\d)/2\) loss [\d.]+ lr \S+ \d+ tok/s(, \d+m left)?$", caplog.text, re.M)
+    assert [(int(s), int(e)) for s, e, _ in lines] == [(s, 1 if s <= 8 else 2) for s in range(1, 10)], caplog.text
+    assert [bool(left) for _, _, left in lines] == [False] + [True] * 7 + [False]   # timed from step 1 on
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_stage("pretrain", args + ["--save_weight", str(tmp_path / "again.pth")])
+    bar = terminal.getvalue()
+    assert "pretrain epoch 1/2: 100%" in bar and "pretrain epoch 2/2:  12%" in bar and "loss=" in bar, bar
+    assert not re.search(r"step \d+/9", caplog.text)
 
 
 def test_accumulation_equals_bigger_batch(tmp_path, data, tiny_clip_dir):

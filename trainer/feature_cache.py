@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from typing import Optional
@@ -93,6 +94,14 @@ def reserve_disk_space(shard_path: str, n_pictures: int):
         raise CacheFull(f"no space for the CLIP feature cache in {folder}: {n_pictures} new picture(s) need "
                         f"{size / 1e6:,.1f} MB, {free / 1e6:,.1f} MB is free; put --cache_dir on a bigger disk, "
                         f"or train without --cache_features") from None
+
+
+def progress_bar(iterable=None, **options):
+    """tqdm, redrawn at most once a minute when written to a file rather than a terminal: the
+    log of a run under nohup or a job scheduler stays small through an hour of encoding."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, mininterval=0.1 if sys.stderr.isatty() else 60, **options)
 
 
 def _save_atomic(path, write):
@@ -252,12 +261,10 @@ class FeatureCache:
     def _encode_block(self, source, lo, hi, token, rank, device, batch_size, num_workers, progress):
         """Key the pictures of samples lo..hi, encode those the cache lacks into a shard of this
         rank's own, and write a part file for the merge."""
-        from tqdm import tqdm
-
         keys, rows, _, bad = self._read_index()
         offsets, sample_keys, missing, seen = [0], [], [], set()
-        for sample, pictures in tqdm(source.iter_pictures(lo, hi), total=hi - lo, desc="keying pictures",
-                                     disable=not progress, unit=" samples"):
+        for sample, pictures in progress_bar(source.iter_pictures(lo, hi), total=hi - lo, desc="keying pictures",
+                                             disable=not progress, unit=" samples"):
             for slot, picture in enumerate(pictures):
                 try:
                     key = picture_key(picture)
@@ -281,7 +288,7 @@ class FeatureCache:
             reserve_disk_space(shard_path, len(missing))
             loader = DataLoader(_Missing(source, missing, self.encoder.preprocess), batch_size=batch_size,
                                 num_workers=num_workers, collate_fn=_flatten)
-            bar = tqdm(total=len(missing), desc="caching CLIP features", disable=not progress, unit="img")
+            bar = progress_bar(total=len(missing), desc="caching CLIP features", disable=not progress, unit="img")
             for items in loader:
                 good = [(j, px) for j, px, err in items if err is None]
                 problems.update({missing[j][2].hex(): err for j, _, err in items if err is not None})

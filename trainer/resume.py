@@ -35,6 +35,12 @@ class Progress:
         if self.steps_in_epoch == steps_per_epoch:
             self.epoch, self.steps_in_epoch = self.epoch + 1, 0
 
+    @property
+    def epoch_of_last_step(self) -> int:
+        """The epoch (from 1) of the step done last: the one still in progress, or the one that
+        step finished."""
+        return self.epoch + (1 if self.steps_in_epoch else 0)
+
     def to_state(self) -> dict:
         return asdict(self)
 

@@ -90,7 +90,7 @@ def train(args) -> int:
     if progress.step >= total_steps:   # --resume of a run that had finished
         run.info("%s holds step %d of %d: nothing left to train (raise --epochs or --max_steps to go on)",
                  args.resume_path, progress.step, total_steps)
-    logger = StepLogger(args, run, progress)
+    logger = StepLogger(args, run, progress, total_steps)
 
     model.train()
     saved_step = progress.step or None   # a resumed run starts from its last save
@@ -732,10 +732,13 @@ def validate(run: Run, model, val: TrainingData, max_batches=50) -> float:
 class StepLogger:
     """Progress bar, periodic log lines, wandb and the loss history saved with the weights."""
 
-    def __init__(self, args, run: Run, progress):
-        self.args, self.run, self.progress = args, run, progress
+    def __init__(self, args, run: Run, progress, total_steps: int):
+        self.args, self.run, self.progress, self.total_steps = args, run, progress, total_steps
         self.bar, self.wandb, self.t_start = None, None, time.time()
-        self.first_step = progress.step
+        self.first_step, self.t_first_step = progress.step, None
+        # A bar redrawn in place suits a terminal; written to a file (nohup, a job scheduler) it
+        # is one endless line with the loss hidden in it: there, a log line every --log_interval.
+        self.log_lines = args.no_progress or not sys.stderr.isatty()
         self._reset_window()
         problem = None
         if args.use_wandb and run.master:
@@ -767,11 +770,13 @@ class StepLogger:
                           a.learning_rate, self.run.device)
         self.bar = tqdm(total=data.steps_per_epoch, initial=p.steps_in_epoch,
                         desc=f"{a.stage} epoch {p.epoch + 1}/{a.epochs}", unit="step", dynamic_ncols=True,
-                        disable=not self.run.master or a.no_progress)
+                        disable=not self.run.master or self.log_lines)
 
     def after_step(self, loss, grad_norm, lr, micro_batches, last) -> bool:
         """Count the step; every log_interval steps (and the last) log the window. True if logged."""
         self.bar.update(1)
+        if self.t_first_step is None:   # the time left is estimated from the steps after it
+            self.t_first_step = time.time()
         self.window_losses.append(loss)   # kept on the device: no sync per step
         self.window_tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches) * self.run.world
         step = self.progress.step
@@ -779,16 +784,25 @@ class StepLogger:
             return False
         mean_loss = float(torch.stack(self.window_losses).mean())
         tok_s = self.window_tokens / max(time.time() - self.window_t0, 1e-9)   # recent speed, all ranks
-        record = {"step": step, "epoch": self.progress.epoch + 1, "loss": mean_loss, "lr": lr,
+        record = {"step": step, "epoch": self.progress.epoch_of_last_step, "loss": mean_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
         self.progress.history.append(record)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        if self.args.no_progress:
-            self.run.info("step %d loss %.4f lr %.2e %.0f tok/s", step, mean_loss, lr, tok_s)
+        if self.log_lines:
+            self.run.info("step %d/%d (epoch %d/%d) loss %.4f lr %.2e %.0f tok/s%s", step, self.total_steps,
+                          self.progress.epoch_of_last_step, self.args.epochs, mean_loss, lr, tok_s, self._time_left(step))
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
         self._reset_window()
         return True
+
+    def _time_left(self, step: int) -> str:
+        timed = step - self.first_step - 1
+        if timed < 1 or step >= self.total_steps:
+            return ""
+        seconds = (time.time() - self.t_first_step) / timed * (self.total_steps - step)
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f", {hours}h {minutes:02d}m left" if hours else f", {max(minutes, 1)}m left"
 
     def validation(self, val_loss):
         self.progress.history.append({"step": self.progress.step, "val_loss": val_loss})
