@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, common, history, losses, make_data, run_stage, save_tiny_clip
-from trainer.trainer import StepSampler, build_parser, lr_at, main
+from trainer.trainer import StepSampler, build_parser, lr_at, main, resolve
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -78,11 +78,27 @@ def test_data_workers_default_to_at_most_the_usable_cpus(monkeypatch):
     assert build_parser("sft").parse_args([]).num_workers == 4
 
 
-def test_bool_flags_are_real_flags():
+def test_bool_flags_are_real_flags_that_also_take_v1s_word(capsys):
     parser = build_parser("sft")
     assert parser.parse_args(["--multi"]).multi and not parser.parse_args([]).multi
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--multi", "False"])    # the v1 trap (type=bool) cannot happen
+    assert parser.parse_args(["--multi", "True"]).multi          # v1's README: `2-sft_vlm.py --multi True`
+    assert not parser.parse_args(["--multi", "False"]).multi     # v1 (type=bool) read it as true
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--multi", "maybe"])
+    assert exit_info.value.code == 2 and "'maybe' is not True or False" in capsys.readouterr().err
+
+
+def test_v1_command_lines_run(tmp_path):
+    """v1's flags that have no work left to do here are taken, not refused as unknown."""
+    v1 = ["--ddp", "--warmup_iters", "0", "--local-rank=1", "--visual_encoder", "clip"]
+    args = resolve(build_parser("pretrain").parse_args(v1), "pretrain")
+    assert args.warmup_steps == 0 and args.stage == "pretrain"
+    multi = str(tmp_path / "output.json")
+    args = resolve(build_parser("sft").parse_args(v1 + ["--multi", "True", "--save_last", "True",
+                                                        "--data_path_multi", multi]), "sft")
+    assert args.stage == "sft_multi" and args.data_path == multi
+    args = resolve(build_parser("sft").parse_args(["--data_path_multi", multi]), "sft")
+    assert args.stage == "sft" and args.data_path != multi   # as in v1: --multi's data only
 
 
 # ------------------------------------------------------------------------------ whole stages

@@ -218,8 +218,9 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     s = STAGES[stage]
     p = argparse.ArgumentParser(description=f"MiniMind-V {stage} training")
     if stage == "sft":
-        p.add_argument("--multi", action="store_true",
-                       help="two-image SFT: sft_multi data, starts from the SFT weights")
+        p.add_argument("--multi", nargs="?", const=True, default=False, type=v1_bool,
+                       help="two-image SFT: sft_multi data, starts from the SFT weights (v1's `--multi True` "
+                            "works too)")
     g = p.add_argument_group("model")
     g.add_argument("--dim", type=int, default=512, choices=[512, 768], help="model width (512: 27M, 768: 109M)")
     g.add_argument("--n_layers", type=number_in(int, 1), default=None, help="default: 8 for dim 512, 16 for dim 768")
@@ -260,7 +261,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--learning_rate", type=number_in(float, 0), default=s.learning_rate)
     g.add_argument("--weight_decay", type=number_in(float, 0), default=0.01,
                    help="on matrices only (not norms or biases)")
-    g.add_argument("--warmup_steps", type=number_in(int, 0), default=None, help="default: 1%% of the steps")
+    g.add_argument("--warmup_steps", "--warmup_iters", type=number_in(int, 0), default=None,
+                   help="default: 1%% of the steps")
     g.add_argument("--accumulation_steps", type=number_in(int, 1), default=1)
     g.add_argument("--grad_clip", type=number_in(float, 0, low_open=True), default=1.0)
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
@@ -281,13 +283,32 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--wandb_project", default="MiniMind-V")
     g.add_argument("--wandb_run_name", default=None, help="default: {tag}_vlm_{stage}")
     g.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+    g = p.add_argument_group("v1's other flags, taken so that its command lines run")
+    g.add_argument("--ddp", action="store_true", help="changes nothing: under torchrun DDP is on by itself")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="changes nothing: torch.distributed.launch passes it, LOCAL_RANK is read")
+    g.add_argument("--visual_encoder", choices=["clip"], default="clip",
+                   help="changes nothing: the encoder is CLIP, from --vision_model")
+    if stage == "sft":
+        g.add_argument("--data_path_multi", default=None, help="--multi's data (as --data_path with --multi)")
+        g.add_argument("--save_last", type=v1_bool, default=True, help="changes nothing: the last step is always saved")
     return p
+
+
+def v1_bool(word: str) -> bool:
+    """v1's `type=bool` flags took a word (`--multi True`) and read any word, "False" too, as true;
+    here the word means what it says."""
+    meaning = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(word.lower())
+    if meaning is None:
+        raise argparse.ArgumentTypeError(f"{word!r} is not True or False")
+    return meaning
 
 
 def resolve(args, stage: str):
     """Fill in the defaults that depend on other flags."""
     if stage == "sft" and getattr(args, "multi", False):
         stage = "sft_multi"
+        args.data_path = args.data_path or args.data_path_multi
     s = STAGES[stage]
     args.stage = s.name
     cfg = VLMConfig.from_preset(args.preset or str(args.dim), use_moe=args.use_moe,
