@@ -381,6 +381,17 @@ def test_killed_run_resumes_exactly(tmp_path, data, tiny_clip_dir):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
 
 
+def test_a_rerun_without_resume_warns_that_it_replaces_the_resume_file(tmp_path, data, tiny_clip_dir, caplog):
+    run_stage("pretrain", common(data, tiny_clip_dir, tmp_path, "--from_scratch", "--max_steps", "1"))
+    with caplog.at_level("WARNING"):
+        run_stage("pretrain", common(data, tiny_clip_dir, tmp_path, "--from_scratch", "--max_steps", "1", "--resume"))
+    assert "add --resume" not in caplog.text   # continuing it: nothing to warn about
+    with caplog.at_level("WARNING"):
+        run_stage("pretrain", common(data, tiny_clip_dir, tmp_path, "--from_scratch", "--max_steps", "1"))
+    assert re.search(r"64_vlm_pretrain.pth.resume holds an earlier run, which this one \(from step 0\) replaces "
+                     r"at its first save: to go on with that run instead, stop now and add --resume", caplog.text)
+
+
 def test_wandb_offline_run_directory(tmp_path, data, tiny_clip_dir):
     out = tmp_path / "out"
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}

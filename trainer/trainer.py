@@ -87,6 +87,9 @@ def train(args) -> int:
         total_steps = min(total_steps, args.max_steps)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 100)
     progress = resume(args, run, model, optimizer, len(data.dataset)) if args.resume else Progress()
+    if not args.resume and os.path.isfile(args.resume_path) and run.master:   # a crash, then a rerun?
+        log.warning("%s holds an earlier run, which this one (from step 0) replaces at its first save: to go "
+                    "on with that run instead, stop now and add --resume", args.resume_path)
     if progress.step >= total_steps:   # --resume of a run that had finished
         run.info("%s holds step %d of %d: nothing left to train (raise --epochs or --max_steps to go on)",
                  args.resume_path, progress.step, total_steps)
