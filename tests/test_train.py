@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, common, history, losses, make_data, run_stage, save_tiny_clip
+from trainer import trainer
 from trainer.trainer import StepSampler, build_parser, lr_at, main, resolve
 
 @pytest.fixture(scope="module")
@@ -381,15 +382,33 @@ def test_killed_run_resumes_exactly(tmp_path, data, tiny_clip_dir):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
 
 
-def test_a_rerun_without_resume_warns_that_it_replaces_the_resume_file(tmp_path, data, tiny_clip_dir, caplog):
-    run_stage("pretrain", common(data, tiny_clip_dir, tmp_path, "--from_scratch", "--max_steps", "1"))
+def test_a_rerun_without_resume_warns_that_it_replaces_an_unfinished_run(tmp_path, data, tiny_clip_dir, caplog):
+    """A crash, then the same command without --resume: the first save replaced the resume file."""
+    stage = common(data, tiny_clip_dir, tmp_path, "--from_scratch", "--max_steps", "2", "--save_interval", "1")
+    with pytest.MonkeyPatch.context() as patch:   # killed after its first save
+        patch.setattr(trainer, "optimizer_step", stop_at_second_step(trainer.optimizer_step))
+        with pytest.raises(trainer.Interrupted):
+            run_stage("pretrain", stage)
+    warning = (r"64_vlm_pretrain.pth.resume holds step 1 of an unfinished run, which this one \(from step 0\) "
+               r"replaces at its first save: to go on with that run instead, stop now and add --resume")
     with caplog.at_level("WARNING"):
-        run_stage("pretrain", common(data, tiny_clip_dir, tmp_path, "--from_scratch", "--max_steps", "1", "--resume"))
-    assert "add --resume" not in caplog.text   # continuing it: nothing to warn about
+        run_stage("pretrain", stage)
+    assert re.search(warning, caplog.text)
+    caplog.clear()
     with caplog.at_level("WARNING"):
-        run_stage("pretrain", common(data, tiny_clip_dir, tmp_path, "--from_scratch", "--max_steps", "1"))
-    assert re.search(r"64_vlm_pretrain.pth.resume holds an earlier run, which this one \(from step 0\) replaces "
-                     r"at its first save: to go on with that run instead, stop now and add --resume", caplog.text)
+        run_stage("pretrain", stage)   # over a finished run: a deliberate rerun, nothing to warn about
+    assert "add --resume" not in caplog.text
+
+
+def stop_at_second_step(step):
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+    return wrapped
 
 
 def test_wandb_offline_run_directory(tmp_path, data, tiny_clip_dir):

@@ -59,6 +59,18 @@ def load_resume_state(path: str) -> dict:
     return state
 
 
+def unfinished_step(path: str) -> Optional[int]:
+    """The step held by `path`, the resume file of an earlier run, if that run had steps left;
+    else None (finished, or not readable: --resume would say why). Memory-mapped: the weights
+    and optimizer state are not read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step, total = int(state["step"]), state.get("total_steps")
+    except Exception:
+        return None
+    return step if total is None or step < total else None
+
+
 def check_same_global_batch(state: dict, path: str, batch_size: int, world: int, accumulation: int):
     """Resuming continues the same sequence of optimizer steps, so the global batch (batch x
     processes x accumulation) must be the one the file was written with; how it is split may

@@ -36,7 +36,7 @@ from model.prompt import DEFAULT_FRAMES, load_tokenizer
 from model.vision import ImagePreprocessor, VisionEncoder, check_vision_folder
 from model.vlm import MiniMindVLM
 from trainer.resume import (FORMAT, Progress, ResumeError, check_same_data_order, check_same_global_batch,
-                            load_resume_state, rng_state, set_rng_state)
+                            load_resume_state, rng_state, set_rng_state, unfinished_step)
 
 log = logging.getLogger("minimind_v")
 
@@ -87,9 +87,10 @@ def train(args) -> int:
         total_steps = min(total_steps, args.max_steps)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 100)
     progress = resume(args, run, model, optimizer, len(data.dataset)) if args.resume else Progress()
-    if not args.resume and os.path.isfile(args.resume_path) and run.master:   # a crash, then a rerun?
-        log.warning("%s holds an earlier run, which this one (from step 0) replaces at its first save: to go "
-                    "on with that run instead, stop now and add --resume", args.resume_path)
+    earlier = unfinished_step(args.resume_path) if not args.resume and run.master else None
+    if earlier is not None:   # a crash, then the same command without --resume?
+        log.warning("%s holds step %d of an unfinished run, which this one (from step 0) replaces at its first "
+                    "save: to go on with that run instead, stop now and add --resume", args.resume_path, earlier)
     if progress.step >= total_steps:   # --resume of a run that had finished
         run.info("%s holds step %d of %d: nothing left to train (raise --epochs or --max_steps to go on)",
                  args.resume_path, progress.step, total_steps)
@@ -116,7 +117,7 @@ def train(args) -> int:
                     logger.validation(validate(run, model, val))
                 if saving:
                     with ctrl_c_held_back():
-                        save_checkpoint(args, run, model, optimizer, progress, len(data.dataset))
+                        save_checkpoint(args, run, model, optimizer, progress, total_steps, len(data.dataset))
                         saved_step = progress.step
                 if last:
                     break
@@ -853,7 +854,7 @@ class StepLogger:
             self.wandb.finish()
 
 
-def save_checkpoint(args, run: Run, model, optimizer, progress: Progress, samples: int):
+def save_checkpoint(args, run: Run, model, optimizer, progress: Progress, total_steps: int, samples: int):
     """The weights (published layout) and the resume state, each written atomically by rank 0.
     Every rank's RNG state goes into the resume file, so each resumes its own stream. A save
     that fails (a full disk) stops every rank with its line."""
@@ -867,7 +868,7 @@ def save_checkpoint(args, run: Run, model, optimizer, progress: Progress, sample
                          "scaler": run.scaler.state_dict(),
                          "rng": rng, "world_size": run.world, "batch_size": args.batch_size,
                          "accumulation_steps": args.accumulation_steps, "seed": args.seed, "samples": samples,
-                         **progress.to_state()},
+                         "total_steps": total_steps, **progress.to_state()},
                         args.resume_path)
         except CheckpointError as e:
             problem = str(e)
