@@ -14,7 +14,9 @@ process and every DataLoader worker.
 """
 import itertools
 import json
+import mmap
 import os
+import re
 from typing import Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
@@ -151,41 +153,78 @@ def check_json_text(path: str, head: bytes):
         raise ValueError(f"{path} holds NUL bytes: not UTF-8 JSON/JSONL text (a binary file, or UTF-16 text?)")
 
 
-def read_json_lines(path: str):
-    """Yield (number, byte offset, record, error) for every record of a JSON-list or JSONL file.
+class RawLine(NamedTuple):
+    """One record of a JSON-list or JSONL file, as `read_json_lines` finds it."""
+    number: int               # the line number (JSONL) or the index in the list (JSON list)
+    offset: int               # where its bytes start in the file
+    size: int                 # how many bytes it takes
+    record: object            # the parsed record (None when it could not be parsed)
+    error: Optional[str]      # why it could not be parsed
 
-    `number` is the line number (JSONL) or the list index (JSON list, whose offset is None);
-    `error` is a reason string when the record could not be parsed (then `record` is None). A
-    JSON list that does not parse as a whole cannot be split into records: ValueError.
-    """
+
+# A JSON string (skipped whole: its brackets and commas are text) or a bracket or comma:
+# enough to find where each element of a JSON list starts and ends without parsing it.
+_JSON_LIST_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
+
+
+def is_json_list(path: str) -> bool:
+    """Does the file hold a JSON list (first non-blank byte "[", after any UTF-8 BOM), not JSONL?"""
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xef\xbb\xbf":
+            f.seek(0)
+        while True:   # in blocks, not lines: a JSON list is often one line of the whole file
+            block = f.read(1 << 16)
+            if not block or block.strip():
+                return block.lstrip().startswith(b"[")
+
+
+def read_json_lines(path: str) -> Iterator[RawLine]:
+    """Every record of a JSON-list or JSONL file, in order, with where its bytes lie, so that it
+    can be read again alone. A JSON list is streamed too (memory-mapped, never loaded whole); one
+    cut off or with text after its end cannot be split into records: ValueError."""
     with open(path, "rb") as f:
         check_json_text(path, f.read(4096))
         f.seek(0)
-        first = next((line.strip() for line in f if line.strip()), b"")
-        is_list = first.lstrip(b"\xef\xbb\xbf").startswith(b"[")  # ignore a UTF-8 BOM
-        f.seek(0)
-        if is_list:
-            # Bad bytes survive as lone surrogates, so only the record holding them is rejected.
-            text = f.read().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not a valid JSON list ({e})") from None
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: the JSON file must hold a list of records")
-            for i, record in enumerate(records):
-                yield i, None, record, None
+        if is_json_list(path):
+            yield from _json_list_elements(path, f)
             return
         offset = 0
         for n, raw in enumerate(f, 1):
             start, offset = offset, offset + len(raw)
             if raw.strip():
-                yield (n, start, *_parse_line(raw))
+                yield RawLine(n, start, len(raw), *_parse_line(raw))
 
 
-def json_ref(path: str, number: int, offset: Optional[int], record=None) -> str:
+def _json_list_elements(path: str, f) -> Iterator[RawLine]:
+    """The elements of the JSON list in file `f`, found by their brackets and commas, each parsed
+    alone: one that does not parse is one bad record, not a file that cannot be read."""
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        depth, start, number = 0, None, 0
+        for token in _JSON_LIST_TOKEN.finditer(data):
+            char = token.group()
+            if len(char) > 1:   # a string
+                continue
+            at = token.start()
+            depth += 1 if char in b"[{" else -1 if char in b"]}" else 0
+            if depth == 1 and char in b"[{":   # the list opens
+                start = at + 1
+            elif depth == 0 or (depth == 1 and char == b","):   # an element ends
+                raw = data[start:at]
+                if raw.strip() or char == b"," or number:   # "[]" holds none; "[1,]" an empty one
+                    yield RawLine(number, start, len(raw), *(_parse_line(raw) if raw.strip() else
+                                                             (None, "malformed JSON: an empty record")))
+                    number += 1
+                start = at + 1
+                if depth == 0:
+                    if data[start:].strip():
+                        raise ValueError(f"{path}: not a valid JSON list (text after its closing bracket)")
+                    return
+        raise ValueError(f"{path}: not a valid JSON list (the file ends inside record [{number}]: cut off?)")
+
+
+def json_ref(path: str, number: int, in_list: bool, record=None) -> str:
     """"<path> line N" (JSONL) or "<path> record [i]" (JSON list), with the record's id."""
-    ref = f"{path} record [{number}]" if offset is None else f"{path} line {number}"
+    ref = f"{path} record [{number}]" if in_list else f"{path} line {number}"
     if isinstance(record, dict) and "id" in record:
         ref += f" (id={record['id']!r})"   # repr: escapes any bad characters in the id
     return ref
@@ -193,18 +232,17 @@ def json_ref(path: str, number: int, offset: Optional[int], record=None) -> str:
 
 def read_records(path: str):
     """Yield (ref, record, error) for every record of a JSON-list or JSONL file."""
-    for number, offset, record, error in read_json_lines(path):
-        yield json_ref(path, number, offset, record), record, error
+    in_list = is_json_list(path)
+    for line in read_json_lines(path):
+        yield json_ref(path, line.number, in_list, line.record), line.record, line.error
 
 
 def _parse_line(raw: bytes):
-    """(record, None) or (None, reason) for one JSONL line."""
+    """(record, None) or (None, reason) for one JSONL line or JSON-list element. Bytes that are
+    not UTF-8 survive as lone surrogates: the record, id and all, is then refused by the checks
+    (`valid_unicode`), in the line that names it."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, f"text is not valid UTF-8: byte {e.start} of the line"
-    try:
-        return json.loads(text.lstrip("\ufeff")), None
+        return json.loads(raw.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")), None
     except json.JSONDecodeError as e:
         return None, f"malformed JSON: {e.msg} at column {e.colno}"
 
@@ -242,9 +280,9 @@ class JsonRecords:
 
     Built in one pass that runs the cheap checks (JSON, UTF-8, fields, turns, mark/picture
     counts, picture files inside the folder, present and not empty): bad records are listed in
-    `load_problems` and left out. For JSONL only each good record's byte offset is kept and the
-    line is read again when needed; a JSON list cannot be read in parts and is kept whole (use
-    JSONL or Parquet for big data).
+    `load_problems` and left out. Only where each good record's bytes lie is kept, and they are
+    read again when needed: memory does not grow with the records' text, in JSONL and JSON lists
+    alike (v1's files were JSON lists of 230K-600K records).
     """
 
     def __init__(self, path: str, images_dir: str, image_prefix: Optional[str] = None,
@@ -253,51 +291,43 @@ class JsonRecords:
         self.unanswered = unanswered   # question-only records are good (see `conversation`)
         self.images_dir = os.path.abspath(images_dir)
         self.prefix_note = None
+        self.in_list = is_json_list(path)
         parsed = read_json_lines(path)
-        # The first records are read once, for the guess and then with the rest: a JSON list is
-        # parsed whole, and v1's SFT file was one.
+        # The first records are read once, for the guess and then with the rest.
         head = list(itertools.islice(parsed, RECORDS_TO_GUESS_FROM)) if image_prefix is None else []
         if image_prefix is None:
-            image_prefix = guess_image_prefix((record for _, _, record, _ in head), self.images_dir)
+            image_prefix = guess_image_prefix((line.record for line in head), self.images_dir)
             if image_prefix:
                 self.prefix_note = (f"{path}: its pictures are {image_prefix}<name> in {images_dir} (v1's SFT "
                                     f"data): read with that prefix (--image_prefix sets another, '' none)")
         self.image_prefix = image_prefix
         self.load_problems: List[Tuple[str, str]] = []
         self.n_read = 0
-        offsets, lines, lengths, kept = [], [], [], []
+        spans, lengths = [], []   # (number, offset, size) of each good record
         sizes = {}   # one stat per picture file, even when many records share it
-        for number, offset, record, error in itertools.chain(head, parsed):
+        for line in itertools.chain(head, parsed):
             self.n_read += 1
-            ref = json_ref(path, number, offset, record)
             try:
-                if error:
-                    raise BadRecord(error)
-                turns, pictures = self._check(record, sizes)
+                if line.error:
+                    raise BadRecord(line.error)
+                turns, pictures = self._check(line.record, sizes)
             except BadRecord as bad:
-                self.load_problems.append((ref, str(bad)))
+                self.load_problems.append((json_ref(path, line.number, self.in_list, line.record), str(bad)))
                 continue
             lengths.append(approx_length(conversation(turns, len(pictures), unanswered=self.unanswered)))
-            if offset is None:
-                kept.append((ref, record))
-            else:
-                offsets.append(offset)
-                lines.append(number)
-        self._records = kept if kept else None          # JSON list: the good records
-        self._offsets = np.array(offsets, dtype=np.int64)
-        self._lines = np.array(lines, dtype=np.int64)
+            spans.append((line.number, line.offset, line.size))
+        self._spans = np.array(spans, dtype=np.int64).reshape(-1, 3)
         self.approx_lengths = np.array(lengths, dtype=np.int32)
 
     def __len__(self) -> int:
-        return len(self._records) if self._records is not None else len(self._offsets)
+        return len(self._spans)
 
     def _raw(self, i: int):
-        if self._records is not None:
-            return self._records[i]
+        number, offset, size = (int(v) for v in self._spans[i])
         with open(self.path, "rb") as f:
-            f.seek(int(self._offsets[i]))
-            record, _ = _parse_line(f.readline())
-        return json_ref(self.path, int(self._lines[i]), int(self._offsets[i]), record), record
+            f.seek(offset)
+            record, _ = _parse_line(f.read(size))
+        return json_ref(self.path, number, self.in_list, record), record
 
     def ref(self, i: int) -> str:
         return self._raw(i)[0]
