@@ -89,8 +89,17 @@ def test_bool_flags_are_real_flags_that_also_take_v1s_word(capsys):
     assert exit_info.value.code == 2 and "'maybe' is not True or False" in capsys.readouterr().err
 
 
-def test_v1_command_lines_run(tmp_path):
-    """v1's flags that have no work left to do here are taken, not refused as unknown."""
+def test_v1_command_lines_run(tmp_path, monkeypatch):
+    """v1's flags that have no work left to do here are taken, not refused as unknown; v1's
+    data files are found where v1 looked for them."""
+    monkeypatch.chdir(tmp_path)
+    for stage, data in (("pretrain", "dataset/LLaVA-Pretrain/chat-translated.json"),
+                        ("sft", "dataset/LLaVA-Instruct/llava_instruct_230k.json")):
+        assert resolve(build_parser(stage).parse_args([]), stage).data_path != data
+        (tmp_path / data).parent.mkdir(parents=True)
+        (tmp_path / data).write_text("[]")
+        args = resolve(build_parser(stage).parse_args([]), stage)
+        assert (args.data_path, args.images_path) == (data, f"dataset/{stage}_images")
     v1 = ["--ddp", "--warmup_iters", "0", "--local-rank=1", "--visual_encoder", "clip"]
     args = resolve(build_parser("pretrain").parse_args(v1), "pretrain")
     assert args.warmup_steps == 0 and args.stage == "pretrain"
@@ -160,8 +169,9 @@ def test_every_missing_input_is_named_in_one_run(tmp_path, data, tiny_clip_dir, 
 
 def test_no_data_in_either_default_layout_names_both(tmp_path, tiny_clip_dir, monkeypatch):
     monkeypatch.chdir(tmp_path)   # no dataset/ here
-    with pytest.raises(SystemExit, match=r"^error: no training data at dataset/sft_i2t.parquet or "
-                                         r"dataset/sft_data.jsonl \(see README.*\): put it there, or give --data_path$"):
+    with pytest.raises(SystemExit, match=r"^error: no training data at dataset/sft_i2t.parquet, dataset/sft_data.jsonl "
+                                         r"or dataset/LLaVA-Instruct/llava_instruct_230k.json \(see README.*\): "
+                                         r"put it there, or give --data_path$"):
         main("sft", ["--preset", "tiny", "--vision_model", tiny_clip_dir, "--from_scratch"])
 
 

@@ -45,8 +45,8 @@ log = logging.getLogger("minimind_v")
 class Stage:
     name: str            # pretrain | sft | sft_multi: the output is out/{tag}_vlm_{name}.pth
     init_from: str       # what the default starting weights are called
-    data_paths: tuple    # default data, the first that exists: the official Parquet, then the v1 layout
-    images_dir: str      # the v1 layout's pictures (Parquet holds its own)
+    data_paths: tuple    # default data, the first that exists: the official Parquet, JSONL, v1's JSON
+    images_dir: str      # the pictures of the JSON(L) data (Parquet holds its own)
     learning_rate: float
     epochs: int
     freeze_llm: bool     # default for --freeze_llm (pretrain from an LLM: projector only)
@@ -55,13 +55,17 @@ class Stage:
 
 STAGES = {
     "pretrain": Stage(name="pretrain", init_from="llm",
-                      data_paths=("dataset/pretrain_i2t.parquet", "dataset/pretrain_data.jsonl"),
+                      data_paths=("dataset/pretrain_i2t.parquet", "dataset/pretrain_data.jsonl",
+                                  "dataset/LLaVA-Pretrain/chat-translated.json"),
                       images_dir="dataset/pretrain_images", learning_rate=4e-4, epochs=4, freeze_llm=True,
                       max_images=1),
     # SFT takes up to 4 pictures a sample: a clip's 4 keyframes (--frames) need no extra flag.
-    "sft": Stage(name="sft", init_from="vlm_pretrain", data_paths=("dataset/sft_i2t.parquet", "dataset/sft_data.jsonl"),
+    "sft": Stage(name="sft", init_from="vlm_pretrain",
+                 data_paths=("dataset/sft_i2t.parquet", "dataset/sft_data.jsonl",
+                             "dataset/LLaVA-Instruct/llava_instruct_230k.json"),
                  images_dir="dataset/sft_images", learning_rate=1e-5, epochs=4, freeze_llm=False, max_images=4),
-    "sft_multi": Stage(name="sft_multi", init_from="vlm_sft", data_paths=("dataset/sft_multi_data.jsonl",),
+    "sft_multi": Stage(name="sft_multi", init_from="vlm_sft",
+                       data_paths=("dataset/sft_multi_data.jsonl", "dataset/sft_multi_images/output.json"),
                        images_dir="dataset/sft_multi_images", learning_rate=1e-5, epochs=4, freeze_llm=False,
                        max_images=4),
 }
@@ -402,10 +406,11 @@ def check_inputs(args):
             return str(e).splitlines()[0]
 
     problems = [problem(check_vision_folder, args.vision_model)]
-    defaults = STAGES[args.stage].data_paths   # the official layout, then v1's
+    defaults = STAGES[args.stage].data_paths
     if args.data_path in defaults and not any(os.path.exists(p) for p in defaults):
-        problems.append(f"no training data at {' or '.join(defaults)} (see README: Using the real weights and "
-                        f"data): put it there, or give --data_path")
+        places = f"{', '.join(defaults[:-1])} or {defaults[-1]}" if len(defaults) > 1 else defaults[0]
+        problems.append(f"no training data at {places} (see README: Using the real weights and data): put it "
+                        f"there, or give --data_path")
     else:
         problems.append(problem(check_data_path, args.data_path))
     if args.val_data:
