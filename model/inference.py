@@ -29,7 +29,7 @@ from PIL import Image
 
 from .checkpoint import (CheckpointError, build_vlm, config_for, folder_config, is_weights_folder, load_weights,
                          read_state_dict)
-from .config import DEFAULT_VISION_MODEL, DEMO_VISION_MODEL, REPO_ROOT, VLMConfig, size_tag
+from .config import DEFAULT_VISION_MODEL, DEMO_VISION_MODEL, REPO_ROOT, V1_VISION_MODEL, VLMConfig, size_tag
 from .prompt import PICTURE_SLOT, clip_text, count_placeholders, encode_chat_prompt
 from .vision import ImageError, load_image
 
@@ -151,7 +151,7 @@ def clip_width(folder: str) -> Optional[int]:
 def choose_vision_model(width: int, recorded: Optional[str] = None) -> str:
     """The first known CLIP folder whose width fits the projector: the weights tell which encoder
     they were trained with (768: CLIP ViT-B/32; the demo encoder is narrower)."""
-    candidates = [p for p in (recorded, DEFAULT_VISION_MODEL, DEMO_VISION_MODEL) if p]
+    candidates = [p for p in (recorded, DEFAULT_VISION_MODEL, V1_VISION_MODEL, DEMO_VISION_MODEL) if p]
     for path in candidates:
         if clip_width(path) == width:
             return path

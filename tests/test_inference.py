@@ -70,9 +70,13 @@ def test_find_checkpoints_lists_vlm_weights_and_exports_sft_first(tmp_path):
 
 def test_vision_model_is_chosen_by_the_projector_width(tiny_clip_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(inf, "DEFAULT_VISION_MODEL", str(tmp_path / "absent"))
+    monkeypatch.setattr(inf, "V1_VISION_MODEL", str(tmp_path / "absent too"))
     monkeypatch.setattr(inf, "DEMO_VISION_MODEL", tiny_clip_dir)
     assert inf.choose_vision_model(32) == tiny_clip_dir          # the tiny CLIP is 32 wide
     assert inf.choose_vision_model(768) == str(tmp_path / "absent")
+    monkeypatch.setattr(inf, "V1_VISION_MODEL", tiny_clip_dir)   # where v1's README put CLIP
+    monkeypatch.setattr(inf, "DEMO_VISION_MODEL", str(tmp_path / "absent too"))
+    assert inf.choose_vision_model(32) == tiny_clip_dir
 
 
 # -- pictures -----------------------------------------------------------------------------------

@@ -150,6 +150,26 @@ def test_missing_start_weights_is_one_line(tmp_path, data, tiny_clip_dir):
         main("pretrain", common(data, tiny_clip_dir, tmp_path))
 
 
+def test_v1s_clip_folder_is_used_when_ours_is_not_there(tmp_path, tiny_clip_dir, monkeypatch):
+    import shutil
+
+    import model.config as config
+
+    ours, v1 = tmp_path / "vision_model" / "clip", tmp_path / "clip_model" / "clip"
+    monkeypatch.setattr(config, "DEFAULT_VISION_MODEL", str(ours))
+    monkeypatch.setattr(config, "V1_VISION_MODEL", str(v1))
+
+    def chosen():
+        return resolve(build_parser("pretrain").parse_args([]), "pretrain").vision_model
+
+    assert chosen() == str(ours)   # neither there: the error names ours
+    shutil.copytree(tiny_clip_dir, v1)
+    assert chosen() == str(v1)
+    shutil.copytree(tiny_clip_dir, ours)
+    assert chosen() == str(ours)
+    assert resolve(build_parser("pretrain").parse_args(["--vision_model", "x"]), "pretrain").vision_model == "x"
+
+
 def test_every_missing_input_is_named_in_one_run(tmp_path, data, tiny_clip_dir, capsys):
     """A user with nothing downloaded learned of CLIP, then (next run) of the data, then of the
     LLM weights."""

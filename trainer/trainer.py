@@ -30,7 +30,7 @@ from dataset.records import IMAGE_PREFIX_HELP, check_data_path
 from dataset.vlm_dataset import DEFAULT_MAX_SEQ_LEN, Skipped, VLMDataset, make_collate, problem_kinds
 from model.checkpoint import (CheckpointError, atomic_output, atomic_save, load_weights, model_state_dict,
                               remove_stale_temp_files)
-from model.config import DEFAULT_VISION_MODEL, IGNORE_INDEX, PRESETS, VLMConfig, device_name, number_in
+from model.config import IGNORE_INDEX, PRESETS, VLMConfig, default_vision_model, device_name, number_in
 from model.language import count_targets
 from model.prompt import DEFAULT_FRAMES, load_tokenizer
 from model.vision import ImagePreprocessor, VisionEncoder, check_vision_folder
@@ -236,7 +236,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--use_moe", action="store_true")
     g.add_argument("--max_seq_len", type=number_in(int, 1), default=DEFAULT_MAX_SEQ_LEN,
                    help="longest sample in tokens (50 per image)")
-    g.add_argument("--vision_model", default=DEFAULT_VISION_MODEL)
+    g.add_argument("--vision_model", default=None,
+                   help="CLIP folder (default: model/vision_model/clip-vit-base-patch32, or v1's model/clip_model/...)")
     g.add_argument("--init_weight", default=None,
                    help=f"starting weights, a .pth or an exported folder (default: out/{{tag}}_{s.init_from}.pth)")
     g.add_argument("--from_scratch", action="store_true", help="random LLM + projector (no starting weights)")
@@ -319,6 +320,7 @@ def resolve(args, stage: str):
         args.data_path = args.data_path or args.data_path_multi
     s = STAGES[stage]
     args.stage = s.name
+    args.vision_model = args.vision_model or default_vision_model()
     cfg = VLMConfig.from_preset(args.preset or str(args.dim), use_moe=args.use_moe,
                                 vision_model_path=args.vision_model)
     cfg.max_seq_len = max(cfg.max_seq_len, args.max_seq_len)
