@@ -17,14 +17,14 @@ DEFAULT_VISION_MODEL = os.path.join(REPO_ROOT, "model", "vision_model", "clip-vi
 DEMO_VISION_MODEL = os.path.join(REPO_ROOT, "model", "vision_model", "demo-clip")
 # Where v1's README had users put it (the whole CLIP, text tower included: it loads the same).
 V1_VISION_MODEL = os.path.join(REPO_ROOT, "model", "clip_model", "clip-vit-base-patch32")
+# How a weights file cloned from the Hub without git-lfs begins: a pointer, not the weights.
+LFS_POINTER = b"version https://git-lfs"
 
 
 def default_vision_model() -> str:
     """The CLIP folder used when none is named: ours, else v1's where only that one is there."""
     there = [p for p in (DEFAULT_VISION_MODEL, V1_VISION_MODEL) if os.path.isfile(os.path.join(p, "config.json"))]
     return there[0] if there else DEFAULT_VISION_MODEL
-# How a weights file cloned from the Hub without git-lfs begins: a pointer, not the weights.
-LFS_POINTER = b"version https://git-lfs"
 
 
 def is_lfs_pointer(path: str) -> bool:

@@ -849,7 +849,8 @@ def test_resume_on_another_number_of_processes(tmp_path, ragged, two_processes, 
         main("pretrain", common(data, tiny_clip_dir, cut, "--from_scratch", "--epochs", "1", "--resume",
                                 "--accumulation_steps", "2", *RESUME_FLAGS))
     assert exit_info.value.code == 0
-    assert [int(n) for n in re.findall(r"step (\d+)/4 \(epoch 1/1\) loss", caplog.text)] == [3, 4]   # only the steps left
+    steps = [int(n) for n in re.findall(r"step (\d+)/4 \(epoch 1/1\) loss", caplog.text)]
+    assert steps == [3, 4]   # only the steps left
     a = torch.load(full / "64_vlm_pretrain.pth", weights_only=True)
     b = torch.load(cut / "64_vlm_pretrain.pth", weights_only=True)
     assert a.keys() == b.keys()

@@ -252,7 +252,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     g.add_argument("--image_prefix", default=None, help=IMAGE_PREFIX_HELP)
     g.add_argument("--max_images", type=number_in(int, 1), default=None,
                    help=f"pictures per record, a clip's keyframes included (default {s.max_images})")
-    g.add_argument("--frames", type=number_in(int, 1), default=DEFAULT_FRAMES, help="keyframes of a clip whose record does not say")
+    g.add_argument("--frames", type=number_in(int, 1), default=DEFAULT_FRAMES,
+                   help="keyframes of a clip whose record does not say")
     g.add_argument("--max_turns", type=number_in(int, 1), default=None,
                    help="keep the first N exchanges (1 = v1 behaviour)")
     g.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -418,8 +419,8 @@ def check_inputs(args):
     if args.val_data:
         problems.append(problem(check_data_path, args.val_data))
     if args.init_weight and not os.path.exists(args.init_weight):   # a .pth file or an exported folder
-        hint = (f"download MiniMind's full_sft_{args.config.tag}.pth and save it under that name, or pass "
-                "--from_scratch"
+        llm = f"full_sft_{args.config.tag}.pth"
+        hint = (f"download MiniMind's {llm} and save it under that name, or pass --from_scratch"
                 if args.stage == "pretrain" else "run the previous stage first, or pass --init_weight")
         problems.append(f"starting weights {args.init_weight} not found: {hint}")
     problems = [p for p in problems if p]
@@ -822,7 +823,8 @@ class StepLogger:
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
         if self.log_lines:
             self.run.info("step %d/%d (epoch %d/%d) loss %.4f lr %.2e %.0f tok/s%s", step, self.total_steps,
-                          self.progress.epoch_of_last_step, self.args.epochs, mean_loss, lr, tok_s, self._time_left(step))
+                          self.progress.epoch_of_last_step, self.args.epochs, mean_loss, lr, tok_s,
+                          self._time_left(step))
         if self.wandb:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
         self._reset_window()
