@@ -1,6 +1,7 @@
 """MiniMind-V in the browser: upload pictures and chat about them.
 
     streamlit run web_server.py
+    python web_server.py            # the same (v1's way); Streamlit options work with both
 
 Environment variables (all optional): MINIMIND_OUT_DIR (where weights and exported folders
 are looked for, default out/), MINIMIND_VISION_MODEL (CLIP folder; default: chosen from the
@@ -16,6 +17,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
 import streamlit as st  # noqa: E402
+from streamlit import runtime  # noqa: E402
+
+if __name__ == "__main__" and not runtime.exists():
+    # `python web_server.py`, as v1's web demo was started: run it the way Streamlit apps run.
+    from streamlit.web import cli
+
+    sys.argv = ["streamlit", "run", os.path.abspath(__file__), *sys.argv[1:]]
+    sys.exit(cli.main())
+
 import torch  # noqa: E402
 
 from model.config import device_name  # noqa: E402

@@ -152,25 +152,9 @@ def free_port():
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
 def test_page_renders_in_headless_chromium(app_env, tmp_path):
-    port = free_port()
     env = dict(os.environ, **app_env, HF_HUB_OFFLINE="1", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", APP, "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server, url = start_server([sys.executable, "-m", "streamlit", "run", APP], env)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, server.stderr.read().decode()
-            assert time.time() < deadline, "streamlit did not start within 60 s"
-            time.sleep(0.5)
         browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
                    "--disable-sync", "--window-size=1280,900", "--virtual-time-budget=60000"]
@@ -202,12 +186,48 @@ def test_page_renders_in_headless_chromium(app_env, tmp_path):
         if os.environ.get("MINIMIND_SAVE_SCREENSHOT"):
             shutil.copy(shot, os.environ["MINIMIND_SAVE_SCREENSHOT"])
     finally:
-        server.terminate()
+        stop_server(server)
+
+
+def start_server(command, env):
+    """(the process, its URL) of the app started by `command` on a free port, once it answers."""
+    port = free_port()
+    server = subprocess.Popen(command + ["--server.headless", "true", "--server.address", "127.0.0.1",
+                                         "--server.port", str(port)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.read() == b"ok":
+                    return server, url
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            stop_server(server)
+            raise AssertionError(f"streamlit did not start within 60 s: {server.stderr.read().decode()}")
+        time.sleep(0.5)
+
+
+def stop_server(server):
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def test_python_web_server_py_starts_the_app_as_v1s_did(app_env):
+    """v1's web demo started with `python web_server.py`; a Streamlit script run so only warned."""
+    env = dict(os.environ, **app_env, HF_HUB_OFFLINE="1", STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    server, url = start_server([sys.executable, APP], env)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert b"<title>Streamlit</title>" in r.read()   # the app's page (its own title is set by the script)
+    finally:
+        stop_server(server)
 
 
 # -- issue #11: no traceback for a user's mistake ------------------------------------------------
